@@ -1,0 +1,39 @@
+"""The optimizers ``anyorder bench`` knows. One ``register_optimizer`` call each.
+
+Baselines from ``torch.optim``, driven through the closure contract (the runner passes a closure
+and they call ``closure()``, i.e. ``backward=True``). Learning rates are the winners of a grid of
+powers of ten (1e-4 ... 1) per task on the quick suite, by final training objective, made with
+``python benchmarks/tune_lr.py`` (see BENCHMARKS.md); the other hyperparameters are torch's
+defaults, with momentum 0.9 for SGD and weight decay 0.01 for AdamW.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anyorder.bench.registry import register_optimizer
+
+register_optimizer(
+    "sgd",
+    torch.optim.SGD,
+    requires={"gradients"},
+    defaults={"lr": 0.1, "momentum": 0.9},
+    task_defaults={"rosenbrock": {"lr": 1e-3}, "rastrigin": {"lr": 1e-4}},
+    description="torch.optim.SGD with heavy-ball momentum 0.9",
+)
+register_optimizer(
+    "adam",
+    torch.optim.Adam,
+    requires={"gradients"},
+    defaults={"lr": 1e-2, "foreach": True},
+    task_defaults={"char-lm": {"lr": 1e-3}, "rastrigin": {"lr": 0.1}, "rosenbrock": {"lr": 1.0}},
+    description="torch.optim.Adam (Kingma & Ba, 2015)",
+)
+register_optimizer(
+    "adamw",
+    torch.optim.AdamW,
+    requires={"gradients"},
+    defaults={"lr": 1e-2, "weight_decay": 0.01, "foreach": True},
+    task_defaults={"char-lm": {"lr": 1e-3}, "rastrigin": {"lr": 0.1}, "rosenbrock": {"lr": 0.1}},
+    description="torch.optim.AdamW, decoupled weight decay (Loshchilov & Hutter, 2019)",
+)

@@ -1,0 +1,352 @@
+"""Runs a bench suite: every applicable optimizer on every task, with the same seed, number of
+steps and data order, measuring loss, metric, time, memory and evaluation counts (see
+``measure``). Results are frozen dataclasses that serialise to JSON (``report``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import anyorder
+from anyorder.bench.measure import EvalCounter, median_step_time, peak_memory_bytes, synchronize
+from anyorder.bench.registry import OptimizerSpec, get_task
+from anyorder.bench.tasks.base import Task
+from anyorder.core.closure import make_closure
+
+__all__ = [
+    "SUITES",
+    "HistoryPoint",
+    "RunResult",
+    "SuiteResult",
+    "PlannedRun",
+    "plan_suite",
+    "run_one",
+    "run_suite",
+]
+
+#: The built-in suites: which tasks they run (steps come from each task's ``default_steps``).
+SUITES: dict[str, tuple[str, ...]] = {
+    "quick": ("digits-mlp", "breast-cancer-logreg", "char-lm", "rosenbrock", "rastrigin"),
+    "full": ("digits-mlp", "breast-cancer-logreg", "char-lm", "rosenbrock", "rastrigin"),
+}
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    """The training loss at one step (evaluated by the optimizer before its update)."""
+
+    step: int
+    loss: float
+    wall_time_s: float
+    forward_evals: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One optimizer on one task. Losses of diverged runs and non-finite figures are ``None``."""
+
+    task: str
+    optimizer: str
+    hyperparameters: dict[str, Any]
+    task_options: dict[str, Any]
+    seed: int
+    steps: int
+    steps_requested: int
+    final_loss: float | None
+    metric_name: str
+    metric: float | None
+    higher_is_better: bool
+    time_per_step_s: float | None
+    total_time_s: float
+    inference_time_s: float | None
+    peak_memory_bytes: int
+    inference_peak_memory_bytes: int
+    forward_evals: int
+    backward_evals: int
+    forward_evals_per_step: float
+    backward_evals_per_step: float
+    diverged: bool
+    error: str | None = None
+    history: list[HistoryPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """The whole bench: metadata plus one :class:`RunResult` per (task, optimizer)."""
+
+    anyorder_version: str
+    created: str
+    machine: dict[str, Any]
+    suite: str
+    seed: int
+    device: str
+    runs: list[RunResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``results.json`` schema)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A validated (task, optimizer) pair with its resolved settings."""
+
+    task: Task
+    spec: OptimizerSpec
+    hyperparameters: dict[str, Any]
+    steps: int
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the figures were taken."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def plan_suite(
+    *,
+    suite: str = "quick",
+    tasks: Sequence[str] | None = None,
+    optimizers: Sequence[str] | None = None,
+    steps: int | None = None,
+    device: str = "cpu",
+    config: Mapping[str, Any] | None = None,
+) -> list[PlannedRun]:
+    """Resolve names, options and hyperparameters, and check them all before anything runs.
+
+    Raises ``UnknownNameError`` for unknown names, ``ValueError`` for bad values and
+    ``MissingDataError`` when a task's data package is missing.
+    """
+    from anyorder.bench.config import resolve_optimizer
+
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; valid devices: cpu, cuda")
+    config = config or {}
+    for configured in config.get("tasks", {}):
+        get_task(configured)  # unknown task names in the config are errors too
+    task_names = list(tasks) if tasks else list(SUITES[suite])
+    opt_names = list(optimizers) if optimizers else None
+    specs: list[tuple[OptimizerSpec, dict[str, Any], dict[str, dict[str, Any]]]] = []
+    if opt_names is None:
+        from anyorder.bench.registry import all_optimizers
+
+        opt_names = list(all_optimizers())
+    for name in opt_names:
+        specs.append(resolve_optimizer(name, config))
+    plan: list[PlannedRun] = []
+    for task_name in task_names:
+        task_cls = get_task(task_name)
+        task = task_cls(device=dev, **dict(config.get("tasks", {}).get(task_name, {})))
+        task.init_model(0)  # builds the model and loads the data: fails early if missing
+        n_steps = steps if steps is not None else task_cls.default_steps[suite]
+        for spec, general, per_task in specs:
+            if not spec.applies_to(task):
+                continue
+            hp = spec.hyperparameters(task_name, {**general, **per_task.get(task_name, {})})
+            probe = torch.nn.Parameter(torch.zeros(2))
+            spec.build([probe], hp)  # validates hyperparameters (raises ValueError)
+            plan.append(PlannedRun(task, spec, hp, n_steps))
+    if not plan:
+        raise ValueError(
+            f"no optimizer among {', '.join(opt_names)} applies to tasks {', '.join(task_names)}"
+        )
+    return plan
+
+
+def _loss_value(loss: Any) -> float:
+    if loss is None:
+        return float("nan")
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+def _task_closure(task: Task, model: torch.nn.Module, batch: Any, loss_fn: Callable[..., Any]):
+    return make_closure(model, lambda output, _batch: output, batch, forward=loss_fn)
+
+
+def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
+    model = task.init_model(seed)
+    opt = run.spec.build(model.parameters(), run.hyperparameters)
+    batches = task.batches(torch.Generator().manual_seed(seed))
+    batch_list = [next(batches) for _ in range(n_steps)]
+
+    def work() -> None:
+        for batch in batch_list:
+            opt.step(_task_closure(task, model, batch, task.loss))
+
+    return peak_memory_bytes(work, task.device)
+
+
+def inference_figures(task: Task, seed: int, repeats: int = 10) -> tuple[int, float]:
+    """(peak bytes, median seconds) of one forward evaluation under ``no_grad``."""
+    model = task.init_model(seed)
+    batch = next(task.batches(torch.Generator().manual_seed(seed)))
+
+    def forward() -> None:
+        with torch.no_grad():
+            task.loss(model, batch)
+
+    peak = peak_memory_bytes(forward, task.device)
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(task.device)
+        t0 = time.perf_counter()
+        forward()
+        synchronize(task.device)
+        times.append(time.perf_counter() - t0)
+    return peak, median_step_time(times, warmup=1)
+
+
+def run_one(
+    run: PlannedRun,
+    seed: int,
+    *,
+    warmup: int = 2,
+    memory_steps: int = 3,
+    inference: tuple[int, float] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> RunResult:
+    """Train ``run.spec`` on ``run.task`` for ``run.steps`` steps from ``seed``.
+
+    Peak memory comes from a separate probe of ``memory_steps`` steps on a fresh copy (so the
+    profiler does not slow the timed run). A non-finite loss ends the run as diverged.
+    """
+    task = run.task
+    inf_peak, inf_time = inference if inference is not None else inference_figures(task, seed)
+    mem_peak = _memory_probe(task, run, seed, min(memory_steps, run.steps))
+
+    model = task.init_model(seed)
+    opt = run.spec.build(model.parameters(), run.hyperparameters)
+    batches = task.batches(torch.Generator().manual_seed(seed))
+    counter = EvalCounter()
+    counted_loss = counter.wrap(task.loss)
+    history: list[HistoryPoint] = []
+    times: list[float] = []
+    wall = 0.0
+    diverged, error = False, None
+    for step in range(run.steps):
+        batch = next(batches)
+        closure = _task_closure(task, model, batch, counted_loss)
+        synchronize(task.device)
+        t0 = time.perf_counter()
+        try:
+            loss = opt.step(closure)
+        except FloatingPointError as err:  # an optimizer's own non-finite guard
+            diverged, error = True, f"{type(err).__name__}: {err}"
+            break
+        synchronize(task.device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        wall += dt
+        value = _loss_value(loss)
+        history.append(HistoryPoint(step, value, wall, counter.forward))
+        if on_step is not None:
+            on_step()
+        if not math.isfinite(value):
+            diverged = True
+            break
+    final_loss = metric = None
+    if not diverged:
+        final_loss, metric = task.evaluate(model)
+        diverged = not math.isfinite(final_loss)
+    done = len(history)
+    return RunResult(
+        task=task.name,
+        optimizer=run.spec.name,
+        hyperparameters=dict(run.hyperparameters),
+        task_options=dict(task.options),
+        seed=seed,
+        steps=done,
+        steps_requested=run.steps,
+        final_loss=_finite_or_none(final_loss),
+        metric_name=task.metric_name,
+        metric=_finite_or_none(metric),
+        higher_is_better=task.higher_is_better,
+        time_per_step_s=_finite_or_none(median_step_time(times, warmup)) if times else None,
+        total_time_s=wall,
+        inference_time_s=_finite_or_none(inf_time),
+        peak_memory_bytes=mem_peak,
+        inference_peak_memory_bytes=inf_peak,
+        forward_evals=counter.forward,
+        backward_evals=counter.backward,
+        forward_evals_per_step=counter.forward / max(done, 1),
+        backward_evals_per_step=counter.backward / max(done, 1),
+        diverged=diverged,
+        error=error,
+        history=[
+            HistoryPoint(
+                h.step, h.loss if math.isfinite(h.loss) else None, h.wall_time_s, h.forward_evals
+            )
+            for h in history
+        ],
+    )
+
+
+def run_suite(
+    plan: Sequence[PlannedRun],
+    *,
+    suite: str = "quick",
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SuiteResult:
+    """Run every planned run in order; a diverged run is recorded and the suite goes on."""
+    from tqdm.auto import tqdm
+
+    device = plan[0].task.device if plan else torch.device("cpu")
+    inference: dict[int, tuple[int, float]] = {}
+    runs: list[RunResult] = []
+    total = sum(r.steps for r in plan)
+    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        for run in plan:
+            bar.set_description(f"{run.task.name} / {run.spec.name}")
+            key = id(run.task)
+            if key not in inference:
+                inference[key] = inference_figures(run.task, seed)
+            result = run_one(run, seed, inference=inference[key], on_step=lambda: bar.update(1))
+            bar.update(run.steps - result.steps)
+            if result.diverged and log is not None:
+                log(f"{run.task.name} / {run.spec.name}: diverged after {result.steps} steps")
+            runs.append(result)
+    return SuiteResult(
+        anyorder_version=anyorder.__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(device),
+        suite=suite,
+        seed=seed,
+        device=str(device),
+        runs=runs,
+    )

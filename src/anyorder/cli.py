@@ -1,0 +1,168 @@
+"""The ``anyorder`` command-line tool.
+
+``anyorder bench``: run the benchmark suite (see ``anyorder bench --help``).
+``anyorder list``: the registered tasks and optimizers.
+
+Bad input exits with code 2 and one line on stderr naming the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(message)
+
+
+def _names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {value!r}")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = _Parser(prog="anyorder", description=__doc__.split("\n\n")[0])
+    from anyorder import __version__
+
+    parser.add_argument("--version", action="version", version=f"anyorder {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    bench = sub.add_parser(
+        "bench",
+        help="run every applicable optimizer on every task with the same seed, steps and data",
+        description="Run the benchmark suite and write results.json, results.csv, plots and "
+        "index.html to --out.",
+    )
+    bench.add_argument(
+        "--suite",
+        choices=["quick", "full"],
+        default="quick",
+        help="which suite (default: quick, about 2 minutes on 2 CPU cores)",
+    )
+    bench.add_argument(
+        "--tasks", type=_names, help="comma-separated task names (default: the suite's)"
+    )
+    bench.add_argument(
+        "--optimizers",
+        type=_names,
+        help="comma-separated optimizer names, or variants defined in --config "
+        "(default: every registered optimizer)",
+    )
+    bench.add_argument(
+        "--config", type=Path, help="YAML or TOML file with hyperparameters and task options"
+    )
+    bench.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's)")
+    bench.add_argument(
+        "--seed", type=_seed, default=0, help="seed for weights and data order (default 0)"
+    )
+    bench.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default ./anyorder-bench/<timestamp>); never overwritten",
+    )
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sub.add_parser("list", help="list the registered tasks and optimizers")
+    return parser
+
+
+def _cmd_list() -> int:
+    from anyorder.bench.registry import all_optimizers, all_tasks
+
+    print("tasks:")
+    for name, cls in sorted(all_tasks().items()):
+        print(f"  {name:24s} provides {','.join(sorted(cls.provides)):28s} {cls.description}")
+    print("optimizers:")
+    for name, spec in sorted(all_optimizers().items()):
+        print(f"  {name:24s} requires {','.join(sorted(spec.requires)):12s} {spec.description}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from anyorder.bench.config import load_config
+    from anyorder.bench.registry import UnknownNameError
+    from anyorder.bench.report import OutDirExistsError, format_table, prepare_out_dir, write_report
+    from anyorder.bench.runner import plan_suite, run_suite
+    from anyorder.bench.tasks.base import MissingDataError
+
+    out = args.out or Path("anyorder-bench") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        config = load_config(args.config) if args.config else {}
+        plan = plan_suite(
+            suite=args.suite,
+            tasks=args.tasks,
+            optimizers=args.optimizers,
+            steps=args.steps,
+            device=args.device,
+            config=config,
+        )
+        out_dir = prepare_out_dir(out)
+    except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:
+        raise UsageError(str(err)) from err
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    result = run_suite(
+        plan, suite=args.suite, seed=args.seed, progress=not args.no_progress, log=log
+    )
+    write_report(result, out_dir)
+    print(format_table(result))
+    print(f"\nwrote {out_dir / 'results.json'}, results.csv, plots and index.html")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anyorder`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        if args.command == "list":
+            return _cmd_list()
+        parser.print_help()
+        return 2
+    except UsageError as err:
+        print(f"anyorder: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anyorder: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

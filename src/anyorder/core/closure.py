@@ -1,0 +1,156 @@
+"""The closure contract (DESIGN.md) and a helper that builds conforming closures.
+
+``closure(backward: bool = True) -> loss`` re-evaluates the loss on the current batch. With
+``backward=True`` it zeroes the gradients and calls ``loss.backward()``; with ``backward=False`` it
+only returns the loss (optimizers call it so for function values, or to differentiate themselves).
+A plain ``torch.optim`` closure without the argument is accepted by :func:`call_closure`.
+
+Policy for repeated evaluations inside one optimizer step, implemented by :func:`make_closure`:
+
+* **Dropout and other random layers** see the same masks on every call of one closure: the global
+  CPU (and current CUDA device) RNG state is captured when the closure is built, every call runs
+  inside ``torch.random.fork_rng`` from that state, and the first call's final state is written back
+  afterwards, so training advances the RNG exactly as one ordinary forward pass would.
+* **BatchNorm running statistics** are updated by the first call only: later calls save the
+  running mean, variance and batch counter of every batch-norm layer and put them back after the
+  forward pass.
+
+Build one closure per batch (per optimizer step).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["Closure", "call_closure", "make_closure", "accepts_backward"]
+
+
+class Closure(Protocol):
+    """A callable that re-evaluates the loss; see the module docstring for the contract."""
+
+    def __call__(self, backward: bool = True) -> torch.Tensor: ...
+
+
+def accepts_backward(closure: Callable[..., Any]) -> bool:
+    """Whether ``closure`` takes the ``backward`` keyword of the contract."""
+    try:
+        sig = inspect.signature(closure)
+    except (TypeError, ValueError):
+        return False
+    params = sig.parameters
+    if "backward" in params:
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_closure(closure: Callable[..., Any], backward: bool) -> torch.Tensor:
+    """Call ``closure`` under the contract, tolerating plain closures without the argument.
+
+    A plain closure is called as ``closure()``; with ``backward=False`` it must therefore not call
+    ``backward()`` itself (under ``torch.no_grad`` that would fail).
+    """
+    if closure is None:
+        raise ValueError("this optimizer needs a closure: call opt.step(closure)")
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    if accepts_backward(closure):
+        return closure(backward=backward)
+    return closure()
+
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _bn_snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    saved = []
+    for module in model.modules():
+        if isinstance(module, _BN_TYPES) and module.track_running_stats and module.training:
+            buffers = {
+                name: buf.detach().clone()
+                for name, buf in (
+                    ("running_mean", module.running_mean),
+                    ("running_var", module.running_var),
+                    ("num_batches_tracked", module.num_batches_tracked),
+                )
+                if buf is not None
+            }
+            saved.append((module, buffers))
+    return saved
+
+
+def _bn_restore(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    with torch.no_grad():
+        for module, buffers in saved:
+            for name, value in buffers.items():
+                getattr(module, name).copy_(value)
+
+
+def _cuda_devices() -> list[int]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
+def make_closure(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: Any,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> Closure:
+    """Build a contract closure for ``model`` on one ``batch``.
+
+    ``loss_fn(output, target)`` is applied to ``model(inputs)`` when ``batch`` is an
+    ``(inputs, target)`` pair; pass ``forward(model, batch) -> output`` for other batch layouts (then
+    ``loss_fn(output, batch)`` is called). See the module docstring for the dropout and batch-norm
+    policy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    devices = _cuda_devices()
+    rng_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    calls = 0
+
+    def evaluate() -> torch.Tensor:
+        if forward is not None:
+            return loss_fn(forward(model, batch), batch)
+        if isinstance(batch, Sequence) and len(batch) == 2:
+            inputs, target = batch
+            return loss_fn(model(inputs), target)
+        raise TypeError(
+            "batch must be an (inputs, target) pair unless forward(model, batch) is given; "
+            f"got {type(batch).__name__}"
+        )
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        nonlocal calls
+        first = calls == 0
+        calls += 1
+        saved_bn = [] if first else _bn_snapshot(model)
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(rng_state)
+            for d, state in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+            if backward:
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss = evaluate()
+                loss.backward()
+            else:
+                loss = evaluate()
+            after = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+        if first:
+            torch.set_rng_state(after[0])
+            for d, state in zip(devices, after[1]):
+                torch.cuda.set_rng_state(state, d)
+        else:
+            _bn_restore(saved_bn)
+        return loss
+
+    return closure

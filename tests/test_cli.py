@@ -1,0 +1,199 @@
+"""The command-line tool, run as a subprocess the way users run it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from anyorder.bench.report import TABLE_COLUMNS
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "anyorder", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "digits-mlp,rosenbrock",
+        "--steps",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_bench_writes_every_output(bench_out):
+    out, proc = bench_out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "digits-mlp.png",
+        "index.html",
+        "results.csv",
+        "results.json",
+        "rosenbrock.png",
+    ]
+    assert (out / "digits-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "index.html").read_text()
+    assert '<img src="digits-mlp.png"' in html and "<table>" in html
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert list(TABLE_COLUMNS) == header[: len(TABLE_COLUMNS)]
+    data = json.loads((out / "results.json").read_text())
+    assert data["seed"] == 1 and data["suite"] == "quick" and len(data["runs"]) == 6
+    assert "digits-mlp" in proc.stdout and "final loss" in proc.stdout
+
+
+def test_same_command_same_losses(bench_out, tmp_path):
+    out, _ = bench_out
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "digits-mlp,rosenbrock",
+        "--steps",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path / "again"),
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    def losses(path):
+        runs = json.loads((path / "results.json").read_text())["runs"]
+        return [(r["final_loss"], [h["loss"] for h in r["history"]]) for r in runs]
+
+    assert losses(out) == losses(tmp_path / "again")
+
+
+def test_config_file_sets_hyperparameters_and_variants(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "optimizers:\n  sgd:\n    lr: 0.002\n    tasks:\n      rastrigin: {lr: 0.0005}\n"
+        "  fast-adam:\n    base: adam\n    lr: 0.05\ntasks:\n  rastrigin: {dim: 3}\n"
+    )
+    out = tmp_path / "o"
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "rastrigin,rosenbrock",
+        "--optimizers",
+        "sgd,fast-adam",
+        "--steps",
+        "2",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = {
+        (r["task"], r["optimizer"]): r
+        for r in json.loads((out / "results.json").read_text())["runs"]
+    }
+    assert runs[("rastrigin", "sgd")]["hyperparameters"]["lr"] == 0.0005
+    assert runs[("rosenbrock", "sgd")]["hyperparameters"]["lr"] == 0.002
+    assert runs[("rosenbrock", "fast-adam")]["hyperparameters"]["lr"] == 0.05
+    assert runs[("rastrigin", "sgd")]["task_options"] == {"dim": 3}
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optimizers.sgd]\nlr = 0.01\n")
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "rosenbrock",
+        "--optimizers",
+        "sgd",
+        "--steps",
+        "1",
+        "--config",
+        str(toml),
+        "--out",
+        str(tmp_path / "t"),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tasks", "mnist"], "unknown task 'mnist'; valid tasks: breast-cancer-logreg, char-lm"),
+        (["--optimizers", "adamx"], "unknown optimizer 'adamx'; valid optimizers: adam, adamw"),
+        (["--steps", "0"], "expected a positive integer, got '0'"),
+        (["--seed", "-3"], "expected an integer >= 0, got '-3'"),
+        (["--suite", "huge"], "invalid choice: 'huge'"),
+        (["--config", "missing.toml"], "config file 'missing.toml' does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
+    proc = run_cli("bench", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_hyperparameter_and_config(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[optimizers.sgd]\nlr = -1.0\n")
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "rosenbrock",
+        "--optimizers",
+        "sgd",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert proc.returncode == 2
+    assert "optimizer 'sgd': Invalid learning rate: -1.0" in proc.stderr
+    cfg.write_text("[optimisers.sgd]\nlr = 1.0\n")
+    proc = run_cli("bench", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "unknown section(s) ['optimisers']" in proc.stderr
+
+
+def test_existing_out_dir_is_never_overwritten(tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "results.json").write_text("precious")
+    proc = run_cli("bench", "--tasks", "rosenbrock", "--steps", "1", "--out", str(out))
+    assert proc.returncode == 2
+    assert "already exists and is not empty" in proc.stderr
+    assert (out / "results.json").read_text() == "precious"
+
+
+def test_list_and_version():
+    proc = run_cli("list")
+    assert proc.returncode == 0 and "char-lm" in proc.stdout and "adamw" in proc.stdout
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("anyorder ")
+
+
+def test_results_json_loads_back_into_the_dataclasses(bench_out):
+    from anyorder.bench.report import format_table, load_results
+
+    out, _ = bench_out
+    result = load_results(out / "results.json")
+    assert result.to_dict() == json.loads((out / "results.json").read_text())
+    table = format_table(result, markdown=True).splitlines()
+    assert table[0].startswith("| task | optimizer | final loss") and len(table) == 2 + 6
