@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from anyorder.core.closure import accepts_backward, call_closure, make_closure
+from anyorder.core.closure import accepts_backward, call_closure, has_active_dropout, make_closure
 
 
 def _batch():
@@ -96,3 +96,24 @@ def test_bad_input():
     closure = make_closure(nn.Linear(4, 1), nn.functional.mse_loss, torch.zeros(3))
     with pytest.raises(TypeError, match=r"\(inputs, target\) pair"):
         closure()
+
+
+def test_models_without_dropout_skip_the_rng_replay_and_custom_randomness_can_ask_for_it():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.lin(x) + torch.randn(x.shape[0], 1)
+
+    model = Noisy()
+    batch = _batch()
+    auto = make_closure(model, nn.functional.mse_loss, batch)
+    with torch.no_grad():
+        assert float(auto(backward=False)) != float(auto(backward=False))
+    replay = make_closure(model, nn.functional.mse_loss, batch, replay_rng=True)
+    with torch.no_grad():
+        assert float(replay(backward=False)) == float(replay(backward=False))
+    dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+    assert has_active_dropout(dropout) and not has_active_dropout(dropout.eval())

@@ -10,7 +10,10 @@ Policy for repeated evaluations inside one optimizer step, implemented by :func:
 * **Dropout and other random layers** see the same masks on every call of one closure: the global
   CPU (and current CUDA device) RNG state is captured when the closure is built, every call runs
   inside ``torch.random.fork_rng`` from that state, and the first call's final state is written back
-  afterwards, so training advances the RNG exactly as one ordinary forward pass would.
+  afterwards, so training advances the RNG exactly as one ordinary forward pass would. By default
+  (``replay_rng=None``) this is done when the model has a dropout layer with ``p > 0`` in training
+  mode; pass ``replay_rng=True`` for models with other random operations (the capture costs a few
+  kilobytes per call, which would otherwise show in the memory figures of tiny models).
 * **BatchNorm running statistics** are updated by the first call only: later calls save the
   running mean, variance and batch counter of every batch-norm layer and put them back after the
   forward pass.
@@ -27,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["Closure", "call_closure", "make_closure", "accepts_backward"]
+__all__ = ["Closure", "call_closure", "make_closure", "accepts_backward", "has_active_dropout"]
 
 
 class Closure(Protocol):
@@ -90,6 +93,14 @@ def _bn_restore(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
                 getattr(module, name).copy_(value)
 
 
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` has a dropout layer with ``p > 0`` in training mode."""
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+        for m in model.modules()
+    )
+
+
 def _cuda_devices() -> list[int]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return [torch.cuda.current_device()]
@@ -102,19 +113,22 @@ def make_closure(
     batch: Any,
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    replay_rng: bool | None = None,
 ) -> Closure:
     """Build a contract closure for ``model`` on one ``batch``.
 
     ``loss_fn(output, target)`` is applied to ``model(inputs)`` when ``batch`` is an
     ``(inputs, target)`` pair; pass ``forward(model, batch) -> output`` for other batch layouts (then
     ``loss_fn(output, batch)`` is called). See the module docstring for the dropout and batch-norm
-    policy.
+    policy (``replay_rng``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if replay_rng is None:
+        replay_rng = has_active_dropout(model)
     devices = _cuda_devices()
-    rng_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    rng_state = torch.get_rng_state() if replay_rng else None
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices] if replay_rng else []
     calls = 0
 
     def evaluate() -> torch.Tensor:
@@ -128,28 +142,34 @@ def make_closure(
             f"got {type(batch).__name__}"
         )
 
+    def run(backward: bool) -> torch.Tensor:
+        if backward:
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = evaluate()
+            loss.backward()
+            return loss
+        return evaluate()
+
     def closure(backward: bool = True) -> torch.Tensor:
         nonlocal calls
         first = calls == 0
         calls += 1
         saved_bn = [] if first else _bn_snapshot(model)
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(rng_state)
-            for d, state in zip(devices, cuda_states):
-                torch.cuda.set_rng_state(state, d)
-            if backward:
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss = evaluate()
-                loss.backward()
-            else:
-                loss = evaluate()
-            after = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-        if first:
-            torch.set_rng_state(after[0])
-            for d, state in zip(devices, after[1]):
-                torch.cuda.set_rng_state(state, d)
+        if rng_state is None:
+            loss = run(backward)
         else:
+            with torch.random.fork_rng(devices=devices):
+                torch.set_rng_state(rng_state)
+                for d, state in zip(devices, cuda_states):
+                    torch.cuda.set_rng_state(state, d)
+                loss = run(backward)
+                after = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            if first:
+                torch.set_rng_state(after[0])
+                for d, state in zip(devices, after[1]):
+                    torch.cuda.set_rng_state(state, d)
+        if not first:
             _bn_restore(saved_bn)
         return loss
 
