@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/tune_lr.py [--steps N]
 
-For every (task, optimizer) it runs lr in {1e-4, ..., 1} (same seed, steps and data order as the
+For every (task, optimizer) it runs lr in {1e-5, ..., 1} (same seed, steps and data order as the
 bench) and prints the lr with the lowest final training objective; diverged runs lose. The chosen
 values are the registry's defaults in ``anyorder/bench/optimizers.py``.
 """
@@ -14,7 +14,7 @@ import argparse
 from anyorder.bench.registry import all_optimizers
 from anyorder.bench.runner import SUITES, plan_suite, run_suite
 
-GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def main() -> None:

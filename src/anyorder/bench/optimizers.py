@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from anyorder.bench.registry import register_optimizer
+from anyorder.optim import ZOSGD, ZOAdam
 
 register_optimizer(
     "sgd",
@@ -36,4 +37,28 @@ register_optimizer(
     defaults={"lr": 1e-2, "weight_decay": 0.01, "foreach": True},
     task_defaults={"char-lm": {"lr": 1e-3}, "rastrigin": {"lr": 0.1}, "rosenbrock": {"lr": 0.1}},
     description="torch.optim.AdamW, decoupled weight decay (Loshchilov & Hutter, 2019)",
+)
+
+# Zeroth-order (issue 3): value-only, so they also run on every task. Learning rates from the same
+# grid (benchmarks/tune_lr.py --optimizers zo-sgd,zo-adam).
+register_optimizer(
+    "zo-sgd",
+    ZOSGD,
+    requires={"values"},
+    defaults={"lr": 1e-2, "mu": 1e-3},
+    task_defaults={
+        "breast-cancer-logreg": {"lr": 0.1},
+        "char-lm": {"lr": 1e-3},
+        "rastrigin": {"lr": 1e-4},
+        "rosenbrock": {"lr": 1e-4},
+    },
+    description="MeZO / ZO-SGD: SGD on the two-point SPSA estimate (anyorder.optim.ZOSGD)",
+)
+register_optimizer(
+    "zo-adam",
+    ZOAdam,
+    requires={"values"},
+    defaults={"lr": 1e-2, "mu": 1e-3},
+    task_defaults={"breast-cancer-logreg": {"lr": 0.1}, "rosenbrock": {"lr": 1.0}},
+    description="ZO-Adam: the Adam rule on the SPSA estimate (anyorder.optim.ZOAdam)",
 )

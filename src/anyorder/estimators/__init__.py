@@ -1,0 +1,6 @@
+"""Estimators: which gradient (DESIGN.md, principle 2). Each produces a direction that any update
+rule in :mod:`anyorder.functional` can consume."""
+
+from anyorder.estimators.spsa import SPSA, SPSASample
+
+__all__ = ["SPSA", "SPSASample"]

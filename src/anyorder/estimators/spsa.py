@@ -1,0 +1,231 @@
+"""SPSA / MeZO random-direction gradient estimates from function values only.
+
+Papers: Spall's SPSA; MeZO ("Fine-Tuning Language Models with Just Forward Passes"), on which
+"Just One Byte (per gradient)" and "Fine-tuning Quantized Neural Networks with Zeroth-order
+Optimization" build.
+
+For each query q a direction z_q (one tensor per parameter, drawn by
+:func:`anyorder.core.rng.direction` from ``(seed, step, q, tensor index)``) gives the projected
+gradient
+
+* two-point: g_q = (f(w + mu z_q) - f(w - mu z_q)) / (2 mu)   (2 evaluations per query)
+* one-sided: g_q = (f(w + mu z_q) - f(w)) / mu                (1 + n_queries evaluations)
+
+and the estimate is ĝ = (1/n) sum_q g_q z_q, an unbiased estimate of the gradient of the
+Gaussian-smoothed loss (of the loss itself for quadratics with the two-point form); its variance
+falls as 1/n.
+
+Memory (the MeZO property): the weights are perturbed in place, z is regenerated from its key
+whenever it is needed (to perturb, to restore, to form the update), and nothing of parameter size
+is kept between passes. A step makes three passes over the weights for one query: +mu z, -2 mu z,
+then restore and update together (:meth:`SPSA.finish_tensor`), instead of MeZO's four.
+
+Precision: losses are read as Python floats (float64), so g_q is formed in float64 whatever the
+weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from anyorder.core.rng import DISTRIBUTIONS, direction
+
+__all__ = ["SPSA", "SPSASample", "IndexedParams"]
+
+#: ``(tensor index, parameter)`` pairs; the index keys the tensor's random direction.
+IndexedParams = Sequence[tuple[int, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SPSASample:
+    """What one estimate measured: projected gradients g_q and the losses evaluated.
+
+    After :meth:`SPSA.sample` the weights are still displaced by ``pending * z_last``;
+    :meth:`SPSA.finish_tensor` (or :meth:`SPSA.restore`) removes that displacement.
+    """
+
+    step: int
+    projected: tuple[float, ...]
+    losses: tuple[float, ...]
+    pending: float
+
+    @property
+    def finite(self) -> bool:
+        """Whether every loss (hence every g_q) is finite."""
+        return all(math.isfinite(v) for v in self.losses)
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean of the losses evaluated in this step."""
+        return sum(self.losses) / len(self.losses)
+
+
+class SPSA:
+    """The SPSA / MeZO estimator. See the module docstring for the maths and memory policy.
+
+    Args:
+        mu: perturbation scale (> 0).
+        n_queries: directions per estimate (>= 1).
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"`` (per tensor, radius
+            sqrt(numel), so E[z z^T] = I for all three).
+        one_sided: forward differences against f(w) instead of central differences.
+        seed: the direction stream's seed.
+    """
+
+    def __init__(
+        self,
+        mu: float = 1e-3,
+        n_queries: int = 1,
+        distribution: str = "gaussian",
+        one_sided: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(mu, (int, float)) or not mu > 0 or not math.isfinite(mu):
+            raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
+        if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
+            raise ValueError(f"n_queries must be an integer >= 1, got {n_queries!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}"
+            )
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.mu = float(mu)
+        self.n_queries = n_queries
+        self.distribution = distribution
+        self.one_sided = bool(one_sided)
+        self.seed = seed
+
+    @property
+    def evaluations_per_step(self) -> int:
+        """Closure evaluations one estimate costs."""
+        return 1 + self.n_queries if self.one_sided else 2 * self.n_queries
+
+    def z(self, index: int, p: torch.Tensor, step: int, query: int) -> torch.Tensor:
+        """The direction of tensor ``index`` for ``(step, query)``, shaped and typed like ``p``."""
+        return direction(
+            p.shape,
+            self.seed,
+            step,
+            query,
+            index,
+            distribution=self.distribution,
+            dtype=p.dtype,
+            device=p.device,
+        )
+
+    @torch.no_grad()
+    def perturb_(self, params: IndexedParams, step: int, query: int, scale: float) -> None:
+        """w += scale * z_query, tensor by tensor (one direction tensor alive at a time)."""
+        for index, p in params:
+            p.add_(self.z(index, p, step, query), alpha=scale)
+
+    @torch.no_grad()
+    def sample(self, params: IndexedParams, loss_at: Callable[[], float], step: int) -> SPSASample:
+        """Evaluate ``loss_at`` around the current weights and return the projected gradients.
+
+        ``loss_at()`` returns the loss at the weights as they are when it is called. The weights
+        are left displaced by ``pending * z_last`` (see :class:`SPSASample`). If a loss is not
+        finite, the remaining queries are not evaluated.
+        """
+        mu, projected, losses = self.mu, [], []
+        last = self.n_queries - 1
+        base = loss_at() if self.one_sided else None
+        if base is not None:
+            losses.append(base)
+            if not math.isfinite(base):
+                return SPSASample(step, (), tuple(losses), 0.0)
+        for q in range(self.n_queries):
+            self.perturb_(params, step, q, mu)
+            plus = loss_at()
+            losses.append(plus)
+            if self.one_sided:
+                pending = -mu
+                projected.append((plus - base) / mu)
+            else:
+                self.perturb_(params, step, q, -2 * mu)
+                minus = loss_at()
+                losses.append(minus)
+                pending = mu
+                projected.append((plus - minus) / (2 * mu))
+            if not math.isfinite(projected[-1]):
+                return SPSASample(step, tuple(projected), tuple(losses), pending)
+            if q != last:
+                self.perturb_(params, step, q, pending)
+        return SPSASample(step, tuple(projected), tuple(losses), pending)
+
+    @torch.no_grad()
+    def restore(self, params: IndexedParams, sample: SPSASample) -> None:
+        """Undo the pending displacement without updating (used when a loss was not finite)."""
+        if sample.pending:
+            self.perturb_(params, sample.step, len(sample.projected) - 1, sample.pending)
+
+    @torch.no_grad()
+    def finish_tensor(self, index: int, p: torch.Tensor, sample: SPSASample) -> torch.Tensor:
+        """Restore tensor ``index`` in place and return its estimate (1/n) sum_q g_q z_q.
+
+        The last query's direction is drawn once and serves both the restore and the estimate.
+        The returned tensor is fresh memory of ``p``'s size, owned by the caller.
+        """
+        n = len(sample.projected)
+        last = n - 1
+        z = self.z(index, p, sample.step, last)
+        p.add_(z, alpha=sample.pending)
+        estimate = z.mul_(sample.projected[last] / n)
+        for q in range(last):
+            estimate.add_(self.z(index, p, sample.step, q), alpha=sample.projected[q] / n)
+        return estimate
+
+    @torch.no_grad()
+    def estimate_(
+        self,
+        params: Sequence[torch.Tensor],
+        closure: Callable[..., torch.Tensor],
+        step: int,
+    ) -> SPSASample:
+        """Write the estimate into every ``p.grad`` (for use with first-order rules).
+
+        ``closure`` follows the closure contract and is called with ``backward=False``.
+        Unlike the ZO optimizers this materialises a gradient buffer per parameter.
+        """
+        from anyorder.core.closure import call_closure
+
+        indexed = [(i, p) for i, p in enumerate(params) if p.requires_grad]
+
+        def loss_at() -> float:
+            return float(call_closure(closure, backward=False).detach().double())
+
+        sample = self.sample(indexed, loss_at, step)
+        if not sample.finite:
+            self.restore(indexed, sample)
+            return sample
+        for index, p in indexed:
+            p.grad = self.finish_tensor(index, p, sample)
+        return sample
+
+
+def warn_if_mu_below_resolution(params: IndexedParams, mu: float, z_scale: float = 1.0) -> None:
+    """Warn when ``mu`` is below the spacing of floating-point numbers at the weights' size.
+
+    A perturbation smaller than half an ulp of |w| rounds away in low-precision dtypes (bfloat16's
+    ulp at |w| = 0.05 is about 2.4e-4), so the two evaluations would see the same weights.
+    """
+    for index, p in params:
+        if not p.is_floating_point() or p.numel() == 0:
+            continue
+        typical = float(p.detach().abs().float().median())
+        ulp = torch.finfo(p.dtype).eps * max(typical, torch.finfo(p.dtype).tiny)
+        if mu * z_scale < ulp:
+            warnings.warn(
+                f"mu={mu:g} is below the resolution of {p.dtype} weights of typical size "
+                f"{typical:.3g} (ulp {ulp:.3g}) in tensor {index}: perturbations round away; "
+                "use a larger mu or float32 weights",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return

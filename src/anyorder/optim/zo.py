@@ -1,0 +1,295 @@
+"""Zeroth-order optimizers: the SGD and Adam rules fed by the SPSA / MeZO estimate.
+
+``ZOSGD`` is MeZO's ZO-SGD (with optional momentum and weight decay); ``ZOAdam`` is the Adam rule
+(``torch.optim.Adam`` semantics, L2 weight decay) fed the same estimate, as in the MeZO paper's
+ZO-Adam variant. Both evaluate the closure with ``backward=False`` under ``torch.no_grad()`` and
+never build an autograd graph. Memory beyond inference: ZOSGD keeps nothing (a momentum buffer if
+``momentum > 0``), ZOAdam its two moment buffers; during the update one direction-sized temporary
+exists at a time.
+
+Evaluations per step: ``2 * n_queries`` (``1 + n_queries`` when ``one_sided``). ``step(closure)``
+returns the mean of the losses it evaluated, as a float.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from anyorder.core.base import AnyOrderOptimizer
+from anyorder.core.closure import call_closure
+from anyorder.estimators.spsa import SPSA, SPSASample, warn_if_mu_below_resolution
+from anyorder.functional import adam_, sgd_
+
+__all__ = ["ZOSGD", "ZOAdam", "ZOProbeRecord"]
+
+
+@dataclass(frozen=True)
+class ZOProbeRecord:
+    """Diagnostics of one probed step: how well the ZO estimate tracks the true gradient.
+
+    ``cosine`` is between the estimate and the backprop gradient of the same batch (for a random
+    Gaussian direction its typical size is sqrt(n_queries / d)); ``projected_gradient`` is the
+    mean |g_q|; ``estimate_norm`` and ``gradient_norm`` are Euclidean norms over all tensors.
+    """
+
+    step: int
+    cosine: float
+    projected_gradient: float
+    estimate_norm: float
+    gradient_norm: float
+
+
+class _ZeroOrderOptimizer(AnyOrderOptimizer):
+    """Shared machinery: the estimator, the seed stream, probing and the non-finite policy."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        mu: float,
+        n_queries: int,
+        distribution: str,
+        one_sided: bool,
+        seed: int,
+        probe_every: int,
+        on_nonfinite: str,
+    ) -> None:
+        if not isinstance(probe_every, int) or probe_every < 0:
+            raise ValueError(f"probe_every must be an integer >= 0 (0: off), got {probe_every!r}")
+        # The estimator validates mu, n_queries, distribution and seed.
+        self.estimator = SPSA(mu, n_queries, distribution, one_sided, seed)
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        self.probe_every = probe_every
+        self.probes: list[ZOProbeRecord] = []
+        self.last_sample: SPSASample | None = None
+        self.global_state.update({"seed": seed, "updates": 0})
+        self._checked_resolution = False
+
+    # Tensor indices are positions over all param groups, so a frozen tensor keeps its key.
+    def _indexed(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+        out, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    out.append((index, p, group))
+                index += 1
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.estimator.seed = int(self.global_state["seed"])
+
+    def _true_gradients(self, closure: Callable[..., Any]) -> dict[int, torch.Tensor]:
+        params = [p for _, p, _ in self._indexed()]
+        with torch.enable_grad():
+            loss = call_closure(closure, backward=False)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return {
+            i: (g if g is not None else torch.zeros_like(p))
+            for (i, p, _), g in zip(self._indexed(), grads)
+        }
+
+    def _apply_rule(
+        self,
+        group: dict[str, Any],
+        indexed: list[tuple[int, torch.Tensor]],
+        estimates: list[torch.Tensor],
+    ) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[..., Any] | None = None) -> float:  # type: ignore[override]
+        """One zeroth-order step; returns the mean loss evaluated (a float)."""
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a closure: opt.step(closure), where closure(backward=False) "
+                "returns the loss on the current batch"
+            )
+        step = int(self.global_state["step"])
+        indexed = self._indexed()
+        pairs = [(i, p) for i, p, _ in indexed]
+        if not self._checked_resolution:
+            warn_if_mu_below_resolution(pairs, self.estimator.mu)
+            self._checked_resolution = True
+        probe = self.probe_every > 0 and step % self.probe_every == 0
+        true_grads = self._true_gradients(closure) if probe else None
+
+        def loss_at() -> float:
+            loss = self.evaluate(closure, backward=False)
+            return float(loss.detach().double())
+
+        sample = self.estimator.sample(pairs, loss_at, step)
+        self.last_sample = sample
+        self.global_state["step"] = step + 1
+        if not sample.finite:
+            self.estimator.restore(pairs, sample)
+            self.loss_is_finite(*sample.losses)  # records the skip or raises
+            return sample.mean_loss
+        self.global_state["updates"] += 1
+        dot = est_sq = grad_sq = 0.0
+        for i, p, group in indexed:
+            estimate = self.estimator.finish_tensor(i, p, sample)
+            if true_grads is not None:
+                g = true_grads[i]
+                dot += float((estimate.double() * g.double()).sum())
+                est_sq += float(estimate.double().pow(2).sum())
+                grad_sq += float(g.double().pow(2).sum())
+            self._apply_rule(group, [(i, p)], [estimate])
+            del estimate  # one direction-sized temporary alive at a time
+        if true_grads is not None:
+            denom = math.sqrt(est_sq * grad_sq)
+            self.probes.append(
+                ZOProbeRecord(
+                    step=step,
+                    cosine=dot / denom if denom > 0 else float("nan"),
+                    projected_gradient=sum(abs(g) for g in sample.projected)
+                    / len(sample.projected),
+                    estimate_norm=math.sqrt(est_sq),
+                    gradient_norm=math.sqrt(grad_sq),
+                )
+            )
+        return sample.mean_loss
+
+
+class ZOSGD(_ZeroOrderOptimizer):
+    """MeZO / ZO-SGD: SGD (momentum, weight decay as ``torch.optim.SGD``) on the SPSA estimate.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        mu: perturbation scale.
+        momentum, weight_decay: as in ``torch.optim.SGD``.
+        n_queries: directions per step (estimate variance falls as 1/n_queries).
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+        one_sided: forward differences (1 + n_queries evaluations) instead of central (2 n).
+        seed: direction stream seed; directions are keyed by (seed, step, query, tensor index).
+        probe_every: every this many steps, also compute the backprop gradient and record a
+            :class:`ZOProbeRecord` in ``self.probes`` (opt-in: costs a backward pass and
+            gradient memory on those steps).
+        on_nonfinite: ``"skip"`` (weights restored, step recorded in
+            ``global_state["skipped_steps"]``) or ``"raise"``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        mu: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        n_queries: int = 1,
+        distribution: str = "gaussian",
+        one_sided: bool = False,
+        seed: int = 0,
+        *,
+        probe_every: int = 0,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        super().__init__(
+            params,
+            {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+            mu=mu,
+            n_queries=n_queries,
+            distribution=distribution,
+            one_sided=one_sided,
+            seed=seed,
+            probe_every=probe_every,
+            on_nonfinite=on_nonfinite,
+        )
+
+    def _apply_rule(self, group, indexed, estimates):
+        params = [p for _, p in indexed]
+        if group["momentum"] == 0:
+            sgd_(
+                params,
+                estimates,
+                [None] * len(params),
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+            )
+            return
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        bufs = sgd_(
+            params,
+            estimates,
+            bufs,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+        )
+        for p, b in zip(params, bufs):
+            self.state[p]["momentum_buffer"] = b
+
+
+class ZOAdam(_ZeroOrderOptimizer):
+    """ZO-Adam: the Adam rule (``torch.optim.Adam`` semantics) on the SPSA estimate.
+
+    Same arguments as :class:`ZOSGD`, with Adam's ``betas`` and ``eps``; ``weight_decay`` is L2
+    (added to the estimate), as in ``torch.optim.Adam``. Bias correction counts applied updates
+    (skipped non-finite steps do not count).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        mu: float = 1e-3,
+        weight_decay: float = 0.0,
+        n_queries: int = 1,
+        distribution: str = "gaussian",
+        one_sided: bool = False,
+        seed: int = 0,
+        *,
+        probe_every: int = 0,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        super().__init__(
+            params,
+            {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
+            mu=mu,
+            n_queries=n_queries,
+            distribution=distribution,
+            one_sided=one_sided,
+            seed=seed,
+            probe_every=probe_every,
+            on_nonfinite=on_nonfinite,
+        )
+
+    def _apply_rule(self, group, indexed, estimates):
+        params = [p for _, p in indexed]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        adam_(
+            params,
+            estimates,
+            [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params],
+            step=int(self.global_state["updates"]),
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
