@@ -95,6 +95,12 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             for (i, p, _), g in zip(self._indexed(), grads)
         }
 
+    def _fused_update(
+        self, index: int, p: torch.Tensor, group: dict[str, Any], sample: SPSASample
+    ) -> bool:
+        """Restore and update tensor ``index`` in one pass if the rule allows; ``True`` if done."""
+        return False
+
     def _apply_rule(
         self,
         group: dict[str, Any],
@@ -134,6 +140,8 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         self.global_state["updates"] += 1
         dot = est_sq = grad_sq = 0.0
         for i, p, group in indexed:
+            if true_grads is None and self._fused_update(i, p, group, sample):
+                continue
             estimate = self.estimator.finish_tensor(i, p, sample)
             if true_grads is not None:
                 g = true_grads[i]
@@ -206,6 +214,18 @@ class ZOSGD(_ZeroOrderOptimizer):
             probe_every=probe_every,
             on_nonfinite=on_nonfinite,
         )
+
+    def _fused_update(self, index, p, group, sample):
+        # Plain SGD with one query: w <- (1 - lr wd)(w + pending z) - lr g z, so the restore and
+        # the update share one draw of z and one pass over the weights.
+        if group["momentum"] != 0 or len(sample.projected) != 1:
+            return False
+        lr, wd = group["lr"], group["weight_decay"]
+        z = self.estimator.z(index, p, sample.step, 0)
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.add_(z, alpha=(1 - lr * wd) * sample.pending - lr * sample.projected[0])
+        return True
 
     def _apply_rule(self, group, indexed, estimates):
         params = [p for _, p in indexed]

@@ -1,0 +1,199 @@
+"""Time and memory of one zeroth-order step against one forward pass, side by side in one run.
+
+Usage: python benchmarks/zo_step.py [--models char-lm,gpt2-4x256,bert-4x256,text-finetune]
+                                    [--rounds 15] [--threads 2] [--device cpu]
+
+For each model and batch it measures, interleaved round-robin so that machine noise hits every
+method alike, the median wall time of:
+  forward        one loss evaluation under no_grad (the unit: ratios are to this)
+  zosgd          anyorder.optim.ZOSGD step (gaussian; 3 passes over the weights)
+  zosgd-rad      the same with Rademacher directions
+  mezo-ref       MeZO's zo_step algorithm written out plainly (perturb, forward, perturb, forward,
+                 restore, then update: four passes, each redrawing z after torch.manual_seed, as
+                 the MeZO reference does), in place
+  adamw          torch.optim.AdamW(foreach=True) step by backprop
+and the peak tensor memory of each above what was held before (anyorder.bench.measure), as a
+ratio to the inference peak. Models: the bench's char-lm GPT-2; GPT-2 and BERT classifiers of
+4 layers, width 256, sequence 128, batch 16 (the sizes the issue's MeZO figures use); the bench's
+text-finetune MiniLM when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from anyorder.bench.measure import peak_memory_bytes
+from anyorder.optim import ZOSGD
+
+
+def mezo_reference_step(params, loss_fn, lr: float, eps: float, seed: int) -> float:
+    """MeZO's zo_step + zo_update as the paper's algorithm states them (four passes)."""
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data.add_(z, alpha=scale * eps)
+
+    with torch.no_grad():
+        perturb(1)
+        l1 = float(loss_fn())
+        perturb(-2)
+        l2 = float(loss_fn())
+        perturb(1)
+        g = (l1 - l2) / (2 * eps)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data.add_(z, alpha=-lr * g)
+    return (l1 + l2) / 2
+
+
+def build(name: str, device: str):
+    """(model, loss_fn) for a named benchmark model."""
+    g = torch.Generator().manual_seed(0)
+    if name == "char-lm":
+        from anyorder.bench.registry import get_task
+
+        task = get_task("char-lm")(device=device)
+        model = task.init_model(0)
+        batch = next(task.batches(g))
+        return model, lambda: task.loss(model, batch)
+    if name == "text-finetune":
+        from anyorder.bench.registry import get_task
+
+        task = get_task("text-finetune")(device=device)
+        model = task.init_model(0)
+        batch = next(task.batches(g))
+        return model, lambda: task.loss(model, batch)
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (16, 128), generator=g).to(device)
+    if name == "gpt2-4x256":
+        cfg = GPT2Config(
+            vocab_size=1000,
+            n_positions=128,
+            n_embd=256,
+            n_layer=4,
+            n_head=4,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        model = GPT2LMHeadModel(cfg).to(device)
+
+        def loss():
+            logits = model(input_ids=ids).logits
+            return F.cross_entropy(logits[:, :-1].reshape(-1, 1000), ids[:, 1:].reshape(-1))
+
+        return model, loss
+    if name == "bert-4x256":
+        cfg = BertConfig(
+            vocab_size=1000,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0,
+            attention_probs_dropout_prob=0,
+            num_labels=2,
+        )
+        model = BertForSequenceClassification(cfg).to(device)
+        labels = torch.randint(0, 2, (16,), generator=g).to(device)
+        return model, lambda: F.cross_entropy(model(input_ids=ids).logits, labels)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def measure(name: str, rounds: int, device: str) -> dict[str, float]:
+    model, loss_fn = build(name, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward():
+        with torch.no_grad():
+            loss_fn()
+
+    zo = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0)
+    zo_rad = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0, distribution="rademacher")
+    adamw = torch.optim.AdamW(params, lr=1e-7, foreach=True)
+    step = {"n": 0}
+
+    def adamw_step():
+        adamw.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        adamw.step()
+
+    def mezo():
+        step["n"] += 1
+        mezo_reference_step(params, loss_fn, lr=1e-7, eps=1e-3, seed=step["n"])
+
+    methods = {
+        "forward": forward,
+        "zosgd": lambda: zo.step(lambda backward=False: loss_fn()),
+        "zosgd-rad": lambda: zo_rad.step(lambda backward=False: loss_fn()),
+        "mezo-ref": mezo,
+        "adamw": adamw_step,
+    }
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for fn in methods.values():  # warm-up (allocates AdamW's state)
+        fn()
+    for _ in range(rounds):
+        for key, fn in methods.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    out = {f"{k}_s": statistics.median(v) for k, v in times.items()}
+    adamw.zero_grad(set_to_none=True)
+    mem = {k: peak_memory_bytes(fn, device) for k, fn in methods.items()}
+    out.update({f"{k}_peak_bytes": v for k, v in mem.items()})
+    out["params"] = sum(p.numel() for p in params)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="char-lm,gpt2-4x256,bert-4x256,text-finetune")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"rounds {args.rounds}\n"
+    )
+    print(
+        "| model | params | forward ms | zosgd / fwd | zosgd-rad / fwd | mezo-ref / fwd | "
+        "adamw / fwd | zosgd mem / infer | mezo-ref mem / infer | adamw mem / infer |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        try:
+            r = measure(name, args.rounds, args.device)
+        except Exception as err:  # e.g. text-finetune's data package missing
+            print(f"| {name} | skipped: {err} |")
+            continue
+        f, inf = r["forward_s"], max(r["forward_peak_bytes"], 1)
+        print(
+            f"| {name} | {r['params'] / 1e6:.2f}M | {f * 1e3:.1f} | {r['zosgd_s'] / f:.2f} | "
+            f"{r['zosgd-rad_s'] / f:.2f} | {r['mezo-ref_s'] / f:.2f} | {r['adamw_s'] / f:.2f} | "
+            f"{r['zosgd_peak_bytes'] / inf:.2f} | {r['mezo-ref_peak_bytes'] / inf:.2f} | "
+            f"{r['adamw_peak_bytes'] / inf:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
