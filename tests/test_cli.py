@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from anyorder.bench.registry import all_optimizers
 from anyorder.bench.report import TABLE_COLUMNS
 
 
@@ -56,7 +57,8 @@ def test_bench_writes_every_output(bench_out):
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert list(TABLE_COLUMNS) == header[: len(TABLE_COLUMNS)]
     data = json.loads((out / "results.json").read_text())
-    assert data["seed"] == 1 and data["suite"] == "quick" and len(data["runs"]) == 6
+    n_opt = len(all_optimizers())
+    assert data["seed"] == 1 and data["suite"] == "quick" and len(data["runs"]) == 2 * n_opt
     assert "digits-mlp" in proc.stdout and "final loss" in proc.stdout
 
 
@@ -196,4 +198,4 @@ def test_results_json_loads_back_into_the_dataclasses(bench_out):
     result = load_results(out / "results.json")
     assert result.to_dict() == json.loads((out / "results.json").read_text())
     table = format_table(result, markdown=True).splitlines()
-    assert table[0].startswith("| task | optimizer | final loss") and len(table) == 2 + 6
+    assert table[0].startswith("| task | optimizer | final loss") and len(table) == 2 + 2 * len(all_optimizers())

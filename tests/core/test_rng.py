@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from anyorder.core.rng import DISTRIBUTIONS, derive_seed, direction
+from anyorder.core.rng import (
+    CHUNK,
+    DISTRIBUTIONS,
+    derive_seed,
+    direction,
+    direction_chunks,
+    flat_view,
+)
 
 
 def test_same_key_same_direction_and_no_global_rng_use():
@@ -63,3 +70,28 @@ def test_bad_input():
         derive_seed(0, -1)
     with pytest.raises(TypeError, match="seed must be an int"):
         derive_seed(1.5, 0)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_chunks_assemble_the_direction_and_can_be_replayed_one_by_one(distribution):
+    n = 3 * CHUNK + 5
+    whole = direction((n,), seed=2, step=3, query=1, index=4, distribution=distribution)
+    parts = list(direction_chunks(n, 2, 3, 1, 4, distribution=distribution))
+    assert [(s, e) for s, e, _ in parts] == [
+        (0, CHUNK),
+        (CHUNK, 2 * CHUNK),
+        (2 * CHUNK, 3 * CHUNK),
+        (3 * CHUNK, n),
+    ]
+    assert torch.equal(torch.cat([z for _, _, z in parts]), whole)
+    # Chunks are independent streams, not one stream cut up: chunk 1 differs from chunk 0.
+    assert not torch.equal(parts[0][2][:5], parts[1][2][:5])
+
+
+def test_flat_view_follows_memory_order():
+    w = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    flat = flat_view(w)
+    assert flat.data_ptr() == w.data_ptr()
+    assert torch.equal(flat, w.permute(0, 2, 3, 1).reshape(-1))
+    with pytest.raises(ValueError, match="is not dense"):
+        flat_view(torch.randn(4, 4)[:, ::2])

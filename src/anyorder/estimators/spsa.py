@@ -16,8 +16,9 @@ Gaussian-smoothed loss (of the loss itself for quadratics with the two-point for
 falls as 1/n.
 
 Memory (the MeZO property): the weights are perturbed in place, z is regenerated from its key
-whenever it is needed (to perturb, to restore, to form the update), and nothing of parameter size
-is kept between passes. A step makes three passes over the weights for one query: +mu z, -2 mu z,
+whenever it is needed (to perturb, to restore, to form the update), one chunk of
+:data:`anyorder.core.rng.CHUNK` elements at a time, so no direction, copy or estimate of
+parameter size ever exists. A step makes three passes over the weights for one query: +mu z, -2 mu z,
 then restore and update together (:meth:`SPSA.finish_tensor`), instead of MeZO's four.
 
 Precision: losses are read as Python floats (float64), so g_q is formed in float64 whatever the
@@ -28,12 +29,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from anyorder.core.rng import DISTRIBUTIONS, direction
+from anyorder.core.rng import DISTRIBUTIONS, direction_chunks, flat_view
 
 __all__ = ["SPSA", "SPSASample", "IndexedParams"]
 
@@ -75,6 +76,9 @@ class SPSA:
             sqrt(numel), so E[z z^T] = I for all three).
         one_sided: forward differences against f(w) instead of central differences.
         seed: the direction stream's seed.
+        portable: draw every direction on the CPU (then move it), so that processes on any
+            device type regenerate the same numbers; by default directions are drawn where the
+            parameter lives, which is much faster on accelerators (CPU and CUDA streams differ).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class SPSA:
         distribution: str = "gaussian",
         one_sided: bool = False,
         seed: int = 0,
+        portable: bool = False,
     ) -> None:
         if not isinstance(mu, (int, float)) or not mu > 0 or not math.isfinite(mu):
             raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
@@ -100,16 +105,20 @@ class SPSA:
         self.distribution = distribution
         self.one_sided = bool(one_sided)
         self.seed = seed
+        self.portable = bool(portable)
 
     @property
     def evaluations_per_step(self) -> int:
         """Closure evaluations one estimate costs."""
         return 1 + self.n_queries if self.one_sided else 2 * self.n_queries
 
-    def z(self, index: int, p: torch.Tensor, step: int, query: int) -> torch.Tensor:
-        """The direction of tensor ``index`` for ``(step, query)``, shaped and typed like ``p``."""
-        return direction(
-            p.shape,
+    def chunks(
+        self, index: int, p: torch.Tensor, step: int, query: int
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The direction of tensor ``index`` for ``(step, query)``, chunk by chunk, over
+        ``flat_view(p)``: ``(start, end, z[start:end])`` typed like ``p``."""
+        return direction_chunks(
+            p.numel(),
             self.seed,
             step,
             query,
@@ -117,13 +126,16 @@ class SPSA:
             distribution=self.distribution,
             dtype=p.dtype,
             device=p.device,
+            draw_on_device=not self.portable,
         )
 
     @torch.no_grad()
     def perturb_(self, params: IndexedParams, step: int, query: int, scale: float) -> None:
-        """w += scale * z_query, tensor by tensor (one direction tensor alive at a time)."""
+        """w += scale * z_query, one chunk at a time."""
         for index, p in params:
-            p.add_(self.z(index, p, step, query), alpha=scale)
+            flat = flat_view(p)
+            for start, end, z in self.chunks(index, p, step, query):
+                flat[start:end].add_(z, alpha=scale)
 
     @torch.no_grad()
     def sample(self, params: IndexedParams, loss_at: Callable[[], float], step: int) -> SPSASample:
@@ -166,20 +178,35 @@ class SPSA:
             self.perturb_(params, sample.step, len(sample.projected) - 1, sample.pending)
 
     @torch.no_grad()
-    def finish_tensor(self, index: int, p: torch.Tensor, sample: SPSASample) -> torch.Tensor:
-        """Restore tensor ``index`` in place and return its estimate (1/n) sum_q g_q z_q.
+    def finish_chunks(
+        self, index: int, p: torch.Tensor, sample: SPSASample
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Restore tensor ``index`` chunk by chunk and yield its estimate (1/n) sum_q g_q z_q.
 
-        The last query's direction is drawn once and serves both the restore and the estimate.
-        The returned tensor is fresh memory of ``p``'s size, owned by the caller.
+        Yields ``(start, end, estimate[start:end])`` over ``flat_view(p)``; each chunk of ``p`` is
+        restored before its estimate is yielded. The last query's direction serves both. Consume
+        the whole iterator: an abandoned one leaves later chunks displaced.
         """
         n = len(sample.projected)
         last = n - 1
-        z = self.z(index, p, sample.step, last)
-        p.add_(z, alpha=sample.pending)
-        estimate = z.mul_(sample.projected[last] / n)
-        for q in range(last):
-            estimate.add_(self.z(index, p, sample.step, q), alpha=sample.projected[q] / n)
-        return estimate
+        flat = flat_view(p)
+        others = [self.chunks(index, p, sample.step, q) for q in range(last)]
+        for start, end, z in self.chunks(index, p, sample.step, last):
+            flat[start:end].add_(z, alpha=sample.pending)
+            estimate = z.mul_(sample.projected[last] / n)
+            for q, stream in enumerate(others):
+                estimate.add_(next(stream)[2], alpha=sample.projected[q] / n)
+            yield start, end, estimate
+
+    @torch.no_grad()
+    def finish_tensor(self, index: int, p: torch.Tensor, sample: SPSASample) -> torch.Tensor:
+        """Restore tensor ``index`` and return its whole estimate (fresh memory of ``p``'s size,
+        laid out like ``p``)."""
+        out = torch.empty_like(p)
+        flat_out = flat_view(out)
+        for start, end, estimate in self.finish_chunks(index, p, sample):
+            flat_out[start:end] = estimate
+        return out
 
     @torch.no_grad()
     def estimate_(

@@ -22,6 +22,7 @@ import torch
 
 from anyorder.core.base import AnyOrderOptimizer
 from anyorder.core.closure import call_closure
+from anyorder.core.rng import flat_view
 from anyorder.estimators.spsa import SPSA, SPSASample, warn_if_mu_below_resolution
 from anyorder.functional import adam_, sgd_
 
@@ -59,11 +60,12 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         seed: int,
         probe_every: int,
         on_nonfinite: str,
+        portable_directions: bool,
     ) -> None:
         if not isinstance(probe_every, int) or probe_every < 0:
             raise ValueError(f"probe_every must be an integer >= 0 (0: off), got {probe_every!r}")
         # The estimator validates mu, n_queries, distribution and seed.
-        self.estimator = SPSA(mu, n_queries, distribution, one_sided, seed)
+        self.estimator = SPSA(mu, n_queries, distribution, one_sided, seed, portable_directions)
         super().__init__(params, defaults, on_nonfinite=on_nonfinite)
         self.probe_every = probe_every
         self.probes: list[ZOProbeRecord] = []
@@ -101,12 +103,19 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         """Restore and update tensor ``index`` in one pass if the rule allows; ``True`` if done."""
         return False
 
+    def _buffers(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The rule's state tensors for ``p`` (created on first use), laid out like ``p``."""
+        return {}
+
     def _apply_rule(
         self,
         group: dict[str, Any],
-        indexed: list[tuple[int, torch.Tensor]],
-        estimates: list[torch.Tensor],
+        p: torch.Tensor,
+        estimate: torch.Tensor,
+        buffers: dict[str, torch.Tensor],
     ) -> None:
+        """Apply the update rule in place to a chunk ``p`` (a 1-D view) given its estimate and
+        the matching chunks of the state buffers."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -142,14 +151,19 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         for i, p, group in indexed:
             if true_grads is None and self._fused_update(i, p, group, sample):
                 continue
-            estimate = self.estimator.finish_tensor(i, p, sample)
-            if true_grads is not None:
-                g = true_grads[i]
-                dot += float((estimate.double() * g.double()).sum())
-                est_sq += float(estimate.double().pow(2).sum())
-                grad_sq += float(g.double().pow(2).sum())
-            self._apply_rule(group, [(i, p)], [estimate])
-            del estimate  # one direction-sized temporary alive at a time
+            flat = flat_view(p)
+            buffers = {name: flat_view(buf) for name, buf in self._buffers(p, group).items()}
+            g_flat = None if true_grads is None else flat_view(true_grads[i].contiguous())
+            # Rules are element-wise, so they run chunk by chunk on views of the weights and
+            # state: no estimate of the tensor's size is ever formed.
+            for start, end, estimate in self.estimator.finish_chunks(i, p, sample):
+                if g_flat is not None:
+                    e64, g64 = estimate.double(), g_flat[start:end].double()
+                    dot += float((e64 * g64).sum())
+                    est_sq += float(e64.pow(2).sum())
+                    grad_sq += float(g64.pow(2).sum())
+                views = {name: buf[start:end] for name, buf in buffers.items()}
+                self._apply_rule(group, flat[start:end], estimate, views)
         if true_grads is not None:
             denom = math.sqrt(est_sq * grad_sq)
             self.probes.append(
@@ -182,6 +196,8 @@ class ZOSGD(_ZeroOrderOptimizer):
             gradient memory on those steps).
         on_nonfinite: ``"skip"`` (weights restored, step recorded in
             ``global_state["skipped_steps"]``) or ``"raise"``.
+        portable_directions: draw directions on the CPU so that replicas on any device type
+            agree (see :class:`anyorder.estimators.SPSA`); default: on the parameter's device.
     """
 
     def __init__(
@@ -198,6 +214,7 @@ class ZOSGD(_ZeroOrderOptimizer):
         *,
         probe_every: int = 0,
         on_nonfinite: str = "skip",
+        portable_directions: bool = False,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -213,6 +230,7 @@ class ZOSGD(_ZeroOrderOptimizer):
             seed=seed,
             probe_every=probe_every,
             on_nonfinite=on_nonfinite,
+            portable_directions=portable_directions,
         )
 
     def _fused_update(self, index, p, group, sample):
@@ -221,34 +239,34 @@ class ZOSGD(_ZeroOrderOptimizer):
         if group["momentum"] != 0 or len(sample.projected) != 1:
             return False
         lr, wd = group["lr"], group["weight_decay"]
-        z = self.estimator.z(index, p, sample.step, 0)
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.add_(z, alpha=(1 - lr * wd) * sample.pending - lr * sample.projected[0])
+        coef = (1 - lr * wd) * sample.pending - lr * sample.projected[0]
+        flat = flat_view(p)
+        for start, end, z in self.estimator.chunks(index, p, sample.step, 0):
+            chunk = flat[start:end]
+            if wd != 0:
+                chunk.mul_(1 - lr * wd)
+            chunk.add_(z, alpha=coef)
         return True
 
-    def _apply_rule(self, group, indexed, estimates):
-        params = [p for _, p in indexed]
+    def _buffers(self, p, group):
         if group["momentum"] == 0:
-            sgd_(
-                params,
-                estimates,
-                [None] * len(params),
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-            )
-            return
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        bufs = sgd_(
-            params,
-            estimates,
-            bufs,
+            return {}
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            # Zeros give b = d on the first step, as torch.optim.SGD's clone does (no dampening).
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return {"momentum_buffer": state["momentum_buffer"]}
+
+    def _apply_rule(self, group, p, estimate, buffers):
+        buf = buffers.get("momentum_buffer")
+        sgd_(
+            [p],
+            [estimate],
+            [buf],
             lr=group["lr"],
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],
         )
-        for p, b in zip(params, bufs):
-            self.state[p]["momentum_buffer"] = b
 
 
 class ZOAdam(_ZeroOrderOptimizer):
@@ -274,6 +292,7 @@ class ZOAdam(_ZeroOrderOptimizer):
         *,
         probe_every: int = 0,
         on_nonfinite: str = "skip",
+        portable_directions: bool = False,
     ) -> None:
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -291,21 +310,23 @@ class ZOAdam(_ZeroOrderOptimizer):
             seed=seed,
             probe_every=probe_every,
             on_nonfinite=on_nonfinite,
+            portable_directions=portable_directions,
         )
 
-    def _apply_rule(self, group, indexed, estimates):
-        params = [p for _, p in indexed]
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _buffers(self, p, group):
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return {"exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+
+    def _apply_rule(self, group, p, estimate, buffers):
         beta1, beta2 = group["betas"]
         adam_(
-            params,
-            estimates,
-            [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params],
+            [p],
+            [estimate],
+            [buffers["exp_avg"]],
+            [buffers["exp_avg_sq"]],
             step=int(self.global_state["updates"]),
             lr=group["lr"],
             beta1=beta1,

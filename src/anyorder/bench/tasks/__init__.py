@@ -1,6 +1,12 @@
 """Built-in bench tasks, one module each; importing this package registers them."""
 
-from anyorder.bench.tasks import breast_cancer_logreg, char_lm, digits_mlp, functions
+from anyorder.bench.tasks import (
+    breast_cancer_logreg,
+    char_lm,
+    digits_mlp,
+    functions,
+    text_finetune,
+)
 from anyorder.bench.tasks.base import FunctionTask, MissingDataError, ModelTask, Task
 
 __all__ = [
@@ -12,4 +18,5 @@ __all__ = [
     "char_lm",
     "digits_mlp",
     "functions",
+    "text_finetune",
 ]

