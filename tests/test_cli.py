@@ -198,4 +198,6 @@ def test_results_json_loads_back_into_the_dataclasses(bench_out):
     result = load_results(out / "results.json")
     assert result.to_dict() == json.loads((out / "results.json").read_text())
     table = format_table(result, markdown=True).splitlines()
-    assert table[0].startswith("| task | optimizer | final loss") and len(table) == 2 + 2 * len(all_optimizers())
+    assert table[0].startswith("| task | optimizer | final loss") and len(table) == 2 + 2 * len(
+        all_optimizers()
+    )

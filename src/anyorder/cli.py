@@ -43,6 +43,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
+    if not x > 0 or x != x or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return x
+
+
 def _seed(value: str) -> int:
     try:
         n = int(value)
@@ -128,6 +138,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             steps=args.steps,
             device=args.device,
             config=config,
+            time_budget_s=args.time_budget,
         )
         out_dir = prepare_out_dir(out)
     except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:

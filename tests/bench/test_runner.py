@@ -122,6 +122,18 @@ def test_divergence_is_recorded_and_the_suite_goes_on():
     json.dumps(result.to_dict(), allow_nan=False)  # still valid JSON
 
 
+def test_time_budget_ends_runs_at_equal_wall_clock():
+    plan = plan_suite(
+        tasks=["char-lm"], optimizers=["adamw", "zo-sgd"], steps=10_000, time_budget_s=0.3
+    )
+    for r in run_suite(plan, progress=False).runs:
+        assert r.steps < 10_000 and r.time_budget_s == 0.3
+        # It stops at the first step that reaches the budget.
+        assert r.total_time_s >= 0.3 and r.history[-2].wall_time_s < 0.3
+    with pytest.raises(ValueError, match="time budget must be a number of seconds > 0, got 0"):
+        plan_suite(time_budget_s=0)
+
+
 def test_plan_rejects_bad_input_before_running():
     with pytest.raises(UnknownNameError, match="unknown task 'nope'"):
         plan_suite(tasks=["nope"])
@@ -170,6 +182,7 @@ def test_run_result_is_frozen():
         seed=0,
         steps=0,
         steps_requested=0,
+        time_budget_s=None,
         final_loss=None,
         metric_name="m",
         metric=None,

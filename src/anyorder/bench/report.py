@@ -45,6 +45,7 @@ TABLE_COLUMNS = (
 CSV_COLUMNS = TABLE_COLUMNS + (
     "steps",
     "steps_requested",
+    "time_budget_s",
     "seed",
     "total_time_s",
     "inference_time_s",

@@ -68,6 +68,7 @@ class RunResult:
     seed: int
     steps: int
     steps_requested: int
+    time_budget_s: float | None
     final_loss: float | None
     metric_name: str
     metric: float | None
@@ -115,6 +116,7 @@ class PlannedRun:
     spec: OptimizerSpec
     hyperparameters: dict[str, Any]
     steps: int
+    time_budget_s: float | None = None
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -145,8 +147,12 @@ def plan_suite(
     steps: int | None = None,
     device: str = "cpu",
     config: Mapping[str, Any] | None = None,
+    time_budget_s: float | None = None,
 ) -> list[PlannedRun]:
     """Resolve names, options and hyperparameters, and check them all before anything runs.
+
+    ``time_budget_s`` ends each run once its steps have taken that many seconds (``steps`` is
+    then the cap), for comparisons at an equal wall-clock budget.
 
     Raises ``UnknownNameError`` for unknown names, ``ValueError`` for bad values and
     ``MissingDataError`` when a task's data package is missing.
@@ -157,6 +163,10 @@ def plan_suite(
         raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if time_budget_s is not None and not (
+        isinstance(time_budget_s, (int, float)) and time_budget_s > 0
+    ):
+        raise ValueError(f"time budget must be a number of seconds > 0, got {time_budget_s!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
@@ -186,7 +196,7 @@ def plan_suite(
             hp = spec.hyperparameters(task_name, {**general, **per_task.get(task_name, {})})
             probe = torch.nn.Parameter(torch.zeros(2))
             spec.build([probe], hp)  # validates hyperparameters (raises ValueError)
-            plan.append(PlannedRun(task, spec, hp, n_steps))
+            plan.append(PlannedRun(task, spec, hp, n_steps, time_budget_s))
     if not plan:
         raise ValueError(
             f"no optimizer among {', '.join(opt_names)} applies to tasks {', '.join(task_names)}"
@@ -286,6 +296,8 @@ def run_one(
         if not math.isfinite(value):
             diverged = True
             break
+        if run.time_budget_s is not None and wall >= run.time_budget_s:
+            break
     final_loss = metric = None
     if not diverged:
         final_loss, metric = task.evaluate(model)
@@ -299,6 +311,7 @@ def run_one(
         seed=seed,
         steps=done,
         steps_requested=run.steps,
+        time_budget_s=run.time_budget_s,
         final_loss=_finite_or_none(final_loss),
         metric_name=task.metric_name,
         metric=_finite_or_none(metric),
