@@ -6,8 +6,8 @@ Usage: python benchmarks/zo_step.py [--models char-lm,gpt2-4x256,bert-4x256,text
 For each model and batch it measures, interleaved round-robin so that machine noise hits every
 method alike, the median wall time of:
   forward        one loss evaluation under no_grad (the unit: ratios are to this)
-  zosgd          anyorder.optim.ZOSGD step (gaussian; 3 passes over the weights)
-  zosgd-rad      the same with Rademacher directions
+  zosgd          anyorder.optim.ZOSGD step (default Rademacher directions; 3 passes over the weights)
+  zosgd-gauss    the same with Gaussian directions
   mezo-ref       MeZO's zo_step algorithm written out plainly (perturb, forward, perturb, forward,
                  restore, then update: four passes, each redrawing z after torch.manual_seed, as
                  the MeZO reference does), in place
@@ -122,7 +122,7 @@ def measure(name: str, rounds: int, device: str) -> dict[str, float]:
             loss_fn()
 
     zo = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0)
-    zo_rad = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0, distribution="rademacher")
+    zo_gauss = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0, distribution="gaussian")
     adamw = torch.optim.AdamW(params, lr=1e-7, foreach=True)
     step = {"n": 0}
 
@@ -138,7 +138,7 @@ def measure(name: str, rounds: int, device: str) -> dict[str, float]:
     methods = {
         "forward": forward,
         "zosgd": lambda: zo.step(lambda backward=False: loss_fn()),
-        "zosgd-rad": lambda: zo_rad.step(lambda backward=False: loss_fn()),
+        "zosgd-gauss": lambda: zo_gauss.step(lambda backward=False: loss_fn()),
         "mezo-ref": mezo,
         "adamw": adamw_step,
     }
@@ -175,7 +175,7 @@ def main() -> None:
         f"rounds {args.rounds}\n"
     )
     print(
-        "| model | params | forward ms | zosgd / fwd | zosgd-rad / fwd | mezo-ref / fwd | "
+        "| model | params | forward ms | zosgd / fwd | zosgd-gauss / fwd | mezo-ref / fwd | "
         "adamw / fwd | zosgd mem / infer | mezo-ref mem / infer | adamw mem / infer |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -188,7 +188,7 @@ def main() -> None:
         f, inf = r["forward_s"], max(r["forward_peak_bytes"], 1)
         print(
             f"| {name} | {r['params'] / 1e6:.2f}M | {f * 1e3:.1f} | {r['zosgd_s'] / f:.2f} | "
-            f"{r['zosgd-rad_s'] / f:.2f} | {r['mezo-ref_s'] / f:.2f} | {r['adamw_s'] / f:.2f} | "
+            f"{r['zosgd-gauss_s'] / f:.2f} | {r['mezo-ref_s'] / f:.2f} | {r['adamw_s'] / f:.2f} | "
             f"{r['zosgd_peak_bytes'] / inf:.2f} | {r['mezo-ref_peak_bytes'] / inf:.2f} | "
             f"{r['adamw_peak_bytes'] / inf:.2f} |",
             flush=True,

@@ -140,6 +140,7 @@ def test_config_file_sets_hyperparameters_and_variants(tmp_path):
         (["--optimizers", "adamx"], "unknown optimizer 'adamx'; valid optimizers: adam, adamw"),
         (["--steps", "0"], "expected a positive integer, got '0'"),
         (["--seed", "-3"], "expected an integer >= 0, got '-3'"),
+        (["--time-budget", "0"], "expected a number > 0, got '0'"),
         (["--suite", "huge"], "invalid choice: 'huge'"),
         (["--config", "missing.toml"], "config file 'missing.toml' does not exist"),
     ],
@@ -201,3 +202,24 @@ def test_results_json_loads_back_into_the_dataclasses(bench_out):
     assert table[0].startswith("| task | optimizer | final loss") and len(table) == 2 + 2 * len(
         all_optimizers()
     )
+
+
+def test_time_budget_flag_caps_each_run(tmp_path):
+    out = tmp_path / "tb"
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "rosenbrock",
+        "--optimizers",
+        "sgd,zo-sgd",
+        "--steps",
+        "1000000",
+        "--time-budget",
+        "0.05",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    for run in json.loads((out / "results.json").read_text())["runs"]:
+        assert run["time_budget_s"] == 0.05 and run["steps"] < 1000000

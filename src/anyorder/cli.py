@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's)")
     bench.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="end each run after this much step time (steps is then the cap): "
+        "compare at an equal wall-clock budget",
+    )
+    bench.add_argument(
         "--seed", type=_seed, default=0, help="seed for weights and data order (default 0)"
     )
     bench.add_argument(

@@ -84,6 +84,9 @@ def test_chunks_assemble_the_direction_and_can_be_replayed_one_by_one(distributi
         (3 * CHUNK, n),
     ]
     assert torch.equal(torch.cat([z for _, _, z in parts]), whole)
+    if distribution == "gaussian":  # chunk k is the stream keyed by derive_seed(..., chunk=k)
+        gen = torch.Generator().manual_seed(derive_seed(2, 3, 1, 4, chunk=1))
+        assert torch.equal(torch.randn(CHUNK, generator=gen), parts[1][2])
     # Chunks are independent streams, not one stream cut up: chunk 1 differs from chunk 0.
     assert not torch.equal(parts[0][2][:5], parts[1][2][:5])
 

@@ -80,7 +80,7 @@ def test_lr_zero_restores_the_weights_to_within_two_ulps_and_replicas_stay_ident
     opt.step(_closure(model, batch))
     eps = torch.finfo(torch.float32).eps
     for index, (p, b) in enumerate(zip(model.parameters(), before)):
-        z = direction(p.shape, 1, 0, 0, index)
+        z = direction(p.shape, 1, 0, 0, index, distribution="rademacher")
         ulp = eps * (b.abs() + 2 * mu * z.abs())
         assert torch.all((p.detach() - b).abs() <= 2 * ulp)
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # not a no-op
@@ -136,7 +136,7 @@ def test_param_groups_with_different_lr_and_frozen_parameters():
     assert torch.equal(second.bias, frozen)  # never perturbed, never updated
     assert torch.allclose(second.weight, w2, atol=1e-15)  # lr 0: restored
     g = opt.last_sample.projected[0]
-    z = direction(w1.shape, 2, 0, 0, 0, dtype=torch.float64)  # tensor index 0
+    z = direction(w1.shape, 2, 0, 0, 0, distribution="rademacher", dtype=torch.float64)
     assert torch.allclose(first.weight, w1 - 0.1 * g * z, atol=1e-13)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -185,7 +185,7 @@ def test_channels_last_weights_are_perturbed_in_memory_order():
     moved = ZOSGD(conv.parameters(), lr=0.1, seed=3)
     moved.step(lambda backward=False: conv(x).pow(2).mean())
     g = moved.last_sample.projected[0]
-    z = direction((conv.weight.numel(),), 3, 0, 0, 0)
+    z = direction((conv.weight.numel(),), 3, 0, 0, 0, distribution="rademacher")
     assert torch.allclose(
         flat_view(conv.weight.detach()), flat_view(before) - 0.1 * g * z, atol=1e-6
     )
@@ -231,7 +231,7 @@ def test_dropout_masks_are_shared_by_both_evaluations_of_a_query():
     opt.step(closure)
     torch.set_rng_state(state)
     mask_grad = torch.autograd.grad(model(x).sum(), lin.weight)[0]
-    z = direction(lin.weight.shape, 5, 0, 0, 0, dtype=torch.float64)
+    z = direction(lin.weight.shape, 5, 0, 0, 0, distribution="rademacher", dtype=torch.float64)
     assert opt.last_sample.projected[0] == pytest.approx(float((mask_grad * z).sum()), rel=1e-8)
 
 

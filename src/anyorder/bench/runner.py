@@ -33,6 +33,9 @@ __all__ = [
     "run_suite",
 ]
 
+#: Training steps the memory probe measures (and batches the inference peak is taken over).
+MEMORY_STEPS = 3
+
 #: The built-in suites: which tasks they run (steps come from each task's ``default_steps``).
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": ("digits-mlp", "breast-cancer-logreg", "char-lm", "rosenbrock", "rastrigin"),
@@ -227,22 +230,30 @@ def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
     return peak_memory_bytes(work, task.device)
 
 
-def inference_figures(task: Task, seed: int, repeats: int = 10) -> tuple[int, float]:
-    """(peak bytes, median seconds) of one forward evaluation under ``no_grad``."""
-    model = task.init_model(seed)
-    batch = next(task.batches(torch.Generator().manual_seed(seed)))
+def inference_figures(
+    task: Task, seed: int, repeats: int = 10, n_batches: int = MEMORY_STEPS
+) -> tuple[int, float]:
+    """(peak bytes, median seconds) of one forward evaluation under ``no_grad``.
 
-    def forward() -> None:
+    The peak is the largest over the first ``n_batches`` batches, the ones the training memory
+    probe steps through (batch shapes can differ, e.g. text trimmed to its longest item); the
+    time is that of the first batch.
+    """
+    model = task.init_model(seed)
+    stream = task.batches(torch.Generator().manual_seed(seed))
+    batches = [next(stream) for _ in range(max(1, n_batches))]
+
+    def forward(batch: Any) -> None:
         with torch.no_grad():
             task.loss(model, batch)
 
-    forward()  # warm-up: one-time allocations (e.g. the cuBLAS workspace) are not the model's
-    peak = peak_memory_bytes(forward, task.device)
+    forward(batches[0])  # warm-up: one-time allocations (e.g. the cuBLAS workspace)
+    peak = max(peak_memory_bytes(lambda b=b: forward(b), task.device) for b in batches)
     times = []
     for _ in range(repeats + 1):
         synchronize(task.device)
         t0 = time.perf_counter()
-        forward()
+        forward(batches[0])
         synchronize(task.device)
         times.append(time.perf_counter() - t0)
     return peak, median_step_time(times, warmup=1)
@@ -253,7 +264,7 @@ def run_one(
     seed: int,
     *,
     warmup: int = 2,
-    memory_steps: int = 3,
+    memory_steps: int = MEMORY_STEPS,
     inference: tuple[int, float] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> RunResult:

@@ -11,8 +11,8 @@ a generator seeded with SplitMix64-mixed ``(seed, step, query, index, k)``. So
   direction would otherwise be bigger than a forward pass's activations), and every pass sees
   the same numbers by construction, for every tensor size.
 
-Distributions (all with E[z z^T] = I): ``gaussian``; ``rademacher`` (+-1 from 64 random bits per
-64-bit draw, several times cheaper than a Gaussian on a CPU); ``sphere`` (uniform on the sphere of
+Distributions (all with E[z z^T] = I): ``gaussian``; ``rademacher`` (+-1, eight signs per random
+byte, about five times cheaper than a Gaussian on a CPU); ``sphere`` (uniform on the sphere of
 radius sqrt(numel) per tensor; needs one extra pass to find the norm).
 
 Directions are drawn in float32 and cast to ``dtype``. By default they are drawn on the CPU and
@@ -24,6 +24,7 @@ differ).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 
 import torch
 
@@ -51,22 +52,35 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@lru_cache(maxsize=64)
+def _stream_prefix(seed: int, step: int, query: int) -> int:
+    key = 0
+    for value in (seed, step, query):
+        key = _splitmix64(key ^ (value & _MASK64))
+    return key
+
+
+def _prefix(seed: int, step: int, query: int, index: int) -> int:
+    return _splitmix64(_stream_prefix(seed, step, query) ^ (index & _MASK64))
+
+
 def derive_seed(seed: int, step: int, query: int = 0, index: int = 0, chunk: int = 0) -> int:
     """Mix ``(seed, step, query, index, chunk)`` into one 63-bit generator seed.
 
     Each field goes through SplitMix64 in turn, so neighbouring keys (step 3 vs 4, tensor 0 vs 1)
     give unrelated streams. The result fits ``torch.Generator.manual_seed``.
     """
+    _check_key(seed, step, query, index, chunk)
+    return _splitmix64(_prefix(seed, step, query, index) ^ chunk) >> 1
+
+
+def _check_key(seed: int, step: int, query: int, index: int, chunk: int = 0) -> None:
     fields = (("seed", seed), ("step", step), ("query", query), ("index", index), ("chunk", chunk))
     for name, value in fields:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    key = 0
-    for _, value in fields:
-        key = _splitmix64(key ^ (value & _MASK64))
-    return key >> 1
 
 
 def generator_for(
@@ -78,19 +92,29 @@ def generator_for(
     return gen
 
 
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_CPU = torch.device("cpu")
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """Row b holds the 8 signs 1 - 2 * bit_i(b), i = 0..7, for every byte value b."""
+    table = _SIGN_TABLES.get(device)
+    if table is None:
+        bytes_ = torch.arange(256, dtype=torch.int64)[:, None]
+        bits = (bytes_ >> torch.arange(8, dtype=torch.int64)) & 1
+        table = _SIGN_TABLES[device] = (1.0 - 2.0 * bits).to(torch.float32).to(device)
+    return table
 
 
 def _draw(n: int, distribution: str, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     if distribution == "rademacher":
-        words = torch.randint(
-            -(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, device=device, dtype=torch.int64
+        # Each random byte picks its 8 fair signs from a 256 x 8 table: one draw and one gather
+        # per 8 elements, several times faster than drawing Gaussians.
+        index = torch.randint(
+            0, 256, ((n + 7) // 8,), generator=gen, device=device, dtype=torch.int64
         )
-        shifts = _BIT_SHIFTS.get(device)
-        if shifts is None:
-            shifts = _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
-        bits = torch.bitwise_and(words.view(torch.uint8)[:, None] >> shifts, 1).reshape(-1)[:n]
-        return bits.to(torch.float32).mul_(-2.0).add_(1.0)
+        signs = torch.embedding(_sign_table(device), index).view(-1)
+        return signs if signs.numel() == n else signs[:n]
     return torch.randn(n, generator=gen, device=device, dtype=torch.float32)
 
 
@@ -111,16 +135,18 @@ def direction_chunks(
         raise ValueError(
             f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}"
         )
-    derive_seed(seed, step, query, index)  # validates the key
+    _check_key(seed, step, query, index)
+    prefix = _prefix(seed, step, query, index)  # mixed once per tensor, then once per chunk
     device = torch.device(device)
-    draw_device = device if draw_on_device else torch.device("cpu")
+    draw_device = device if draw_on_device else _CPU
     gen = torch.Generator(device=draw_device)
+    cast = dtype != torch.float32 or draw_device != device
     kind = "gaussian" if distribution == "sphere" else distribution
 
     def chunks() -> Iterator[tuple[int, int, torch.Tensor]]:
         for k, start in enumerate(range(0, numel, CHUNK)):
             end = min(start + CHUNK, numel)
-            gen.manual_seed(derive_seed(seed, step, query, index, k))
+            gen.manual_seed(_splitmix64(prefix ^ k) >> 1)
             yield start, end, _draw(end - start, kind, gen, draw_device)
 
     scale = None
@@ -132,7 +158,7 @@ def direction_chunks(
     for start, end, z in chunks():
         if scale is not None:
             z.mul_(scale)
-        yield start, end, z.to(device=device, dtype=dtype)
+        yield start, end, z.to(device=device, dtype=dtype) if cast else z
 
 
 def direction(

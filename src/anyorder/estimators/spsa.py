@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anyorder.core.rng import DISTRIBUTIONS, direction_chunks, flat_view
+from anyorder.core.rng import CHUNK, DISTRIBUTIONS, direction_chunks, flat_view
 
 __all__ = ["SPSA", "SPSASample", "IndexedParams"]
 
@@ -72,7 +72,7 @@ class SPSA:
     Args:
         mu: perturbation scale (> 0).
         n_queries: directions per estimate (>= 1).
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"`` (per tensor, radius
+        distribution: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"`` (per tensor, radius
             sqrt(numel), so E[z z^T] = I for all three).
         one_sided: forward differences against f(w) instead of central differences.
         seed: the direction stream's seed.
@@ -85,7 +85,7 @@ class SPSA:
         self,
         mu: float = 1e-3,
         n_queries: int = 1,
-        distribution: str = "gaussian",
+        distribution: str = "rademacher",
         one_sided: bool = False,
         seed: int = 0,
         portable: bool = False,
@@ -134,8 +134,9 @@ class SPSA:
         """w += scale * z_query, one chunk at a time."""
         for index, p in params:
             flat = flat_view(p)
+            n = flat.numel()
             for start, end, z in self.chunks(index, p, step, query):
-                flat[start:end].add_(z, alpha=scale)
+                (flat if end - start == n else flat[start:end]).add_(z, alpha=scale)
 
     @torch.no_grad()
     def sample(self, params: IndexedParams, loss_at: Callable[[], float], step: int) -> SPSASample:
@@ -245,7 +246,8 @@ def warn_if_mu_below_resolution(params: IndexedParams, mu: float, z_scale: float
     for index, p in params:
         if not p.is_floating_point() or p.numel() == 0:
             continue
-        typical = float(p.detach().abs().float().median())
+        # The median magnitude of (at most) the first chunk: no copy of a large tensor is made.
+        typical = float(flat_view(p.detach())[:CHUNK].abs().float().median())
         ulp = torch.finfo(p.dtype).eps * max(typical, torch.finfo(p.dtype).tiny)
         if mu * z_scale < ulp:
             warnings.warn(

@@ -188,7 +188,8 @@ class ZOSGD(_ZeroOrderOptimizer):
         mu: perturbation scale.
         momentum, weight_decay: as in ``torch.optim.SGD``.
         n_queries: directions per step (estimate variance falls as 1/n_queries).
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+        distribution: ``"rademacher"`` (default: about five times cheaper to draw on a CPU than
+            Gaussians, and a lower-variance estimate), ``"gaussian"`` or ``"sphere"``.
         one_sided: forward differences (1 + n_queries evaluations) instead of central (2 n).
         seed: direction stream seed; directions are keyed by (seed, step, query, tensor index).
         probe_every: every this many steps, also compute the backprop gradient and record a
@@ -208,7 +209,7 @@ class ZOSGD(_ZeroOrderOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         n_queries: int = 1,
-        distribution: str = "gaussian",
+        distribution: str = "rademacher",
         one_sided: bool = False,
         seed: int = 0,
         *,
@@ -241,8 +242,9 @@ class ZOSGD(_ZeroOrderOptimizer):
         lr, wd = group["lr"], group["weight_decay"]
         coef = (1 - lr * wd) * sample.pending - lr * sample.projected[0]
         flat = flat_view(p)
+        n = flat.numel()
         for start, end, z in self.estimator.chunks(index, p, sample.step, 0):
-            chunk = flat[start:end]
+            chunk = flat if end - start == n else flat[start:end]
             if wd != 0:
                 chunk.mul_(1 - lr * wd)
             chunk.add_(z, alpha=coef)
@@ -286,7 +288,7 @@ class ZOAdam(_ZeroOrderOptimizer):
         mu: float = 1e-3,
         weight_decay: float = 0.0,
         n_queries: int = 1,
-        distribution: str = "gaussian",
+        distribution: str = "rademacher",
         one_sided: bool = False,
         seed: int = 0,
         *,
