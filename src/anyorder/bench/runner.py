@@ -218,6 +218,14 @@ def _task_closure(task: Task, model: torch.nn.Module, batch: Any, loss_fn: Calla
 
 
 def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
+    if task.device.type == "cuda":
+        # One throwaway step first: one-time allocations (cuBLAS workspaces for the backward
+        # pass) are not the optimizer's memory.
+        warm = task.init_model(seed)
+        warm_opt = run.spec.build(warm.parameters(), run.hyperparameters)
+        warm_batch = next(task.batches(torch.Generator().manual_seed(seed)))
+        warm_opt.step(_task_closure(task, warm, warm_batch, task.loss))
+        del warm, warm_opt
     model = task.init_model(seed)
     opt = run.spec.build(model.parameters(), run.hyperparameters)
     batches = task.batches(torch.Generator().manual_seed(seed))

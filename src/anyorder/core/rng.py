@@ -1,7 +1,8 @@
 """The one way anyorder draws a random direction (DESIGN.md, principle 3).
 
 A direction is a pure function of ``(seed, step, query, tensor index)``. The tensor is read as a
-flat vector in memory order and cut into chunks of :data:`CHUNK` elements; chunk ``k`` is drawn by
+flat vector in memory order and cut into chunks of :data:`CHUNK` elements (:data:`DEVICE_CHUNK` when drawn on an
+accelerator); chunk ``k`` is drawn by
 a generator seeded with SplitMix64-mixed ``(seed, step, query, index, k)``. So
 
 * the same key replays the same direction in place, on another process or after a resume (MeZO
@@ -39,8 +40,12 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
-#: Elements per independently seeded chunk (256 KiB of float32: stays in cache while in use).
+#: Elements per independently seeded chunk when drawing on the CPU (256 KiB of float32: stays in
+#: cache while in use).
 CHUNK = 1 << 16
+#: Elements per chunk when drawing on an accelerator, where each chunk costs kernel launches and
+#: 16 MiB of transient memory is negligible.
+DEVICE_CHUNK = 1 << 22
 
 _MASK64 = (1 << 64) - 1
 
@@ -141,11 +146,12 @@ def direction_chunks(
     draw_device = device if draw_on_device else _CPU
     gen = torch.Generator(device=draw_device)
     cast = dtype != torch.float32 or draw_device != device
+    size = CHUNK if draw_device.type == "cpu" else DEVICE_CHUNK
     kind = "gaussian" if distribution == "sphere" else distribution
 
     def chunks() -> Iterator[tuple[int, int, torch.Tensor]]:
-        for k, start in enumerate(range(0, numel, CHUNK)):
-            end = min(start + CHUNK, numel)
+        for k, start in enumerate(range(0, numel, size)):
+            end = min(start + size, numel)
             gen.manual_seed(_splitmix64(prefix ^ k) >> 1)
             yield start, end, _draw(end - start, kind, gen, draw_device)
 
