@@ -2,7 +2,7 @@
 
 Baselines from ``torch.optim``, driven through the closure contract (the runner passes a closure
 and they call ``closure()``, i.e. ``backward=True``). Learning rates are the winners of a grid of
-powers of ten (1e-4 ... 1) per task on the quick suite, by final training objective, made with
+powers of ten (1e-5 ... 1) per task on the quick suite, by final training objective, made with
 ``python benchmarks/tune_lr.py`` (see BENCHMARKS.md); the other hyperparameters are torch's
 defaults, with momentum 0.9 for SGD and weight decay 0.01 for AdamW. On ``text-finetune`` (too
 slow for the grid) Adam/AdamW use 3e-5 (best of 2e-5, 3e-5, 5e-5, 1e-4 after 200 steps), SGD 1e-3
@@ -24,7 +24,7 @@ register_optimizer(
     defaults={"lr": 0.1, "momentum": 0.9},
     task_defaults={
         "rosenbrock": {"lr": 1e-3},
-        "rastrigin": {"lr": 1e-4},
+        "rastrigin": {"lr": 1e-3},
         "text-finetune": {"lr": 1e-3},
     },
     description="torch.optim.SGD with heavy-ball momentum 0.9",
@@ -36,7 +36,7 @@ register_optimizer(
     defaults={"lr": 1e-2, "foreach": True},
     task_defaults={
         "char-lm": {"lr": 1e-3},
-        "rastrigin": {"lr": 0.1},
+        "rastrigin": {"lr": 1e-2},
         "rosenbrock": {"lr": 1.0},
         "text-finetune": {"lr": 3e-5},
     },
@@ -66,7 +66,7 @@ register_optimizer(
     task_defaults={
         "breast-cancer-logreg": {"lr": 0.1},
         "char-lm": {"lr": 1e-3},
-        "rastrigin": {"lr": 1e-4},
+        "rastrigin": {"lr": 1e-3},
         "rosenbrock": {"lr": 1e-4},
         "text-finetune": {"lr": 1e-4},
     },
@@ -79,7 +79,7 @@ register_optimizer(
     defaults={"lr": 1e-2, "mu": 1e-3},
     task_defaults={
         "breast-cancer-logreg": {"lr": 0.1},
-        "rosenbrock": {"lr": 1.0},
+        "rosenbrock": {"lr": 0.1},
         "text-finetune": {"lr": 1e-5},
     },
     description="ZO-Adam: the Adam rule on the SPSA estimate (anyorder.optim.ZOAdam)",
