@@ -57,17 +57,10 @@ def mezo_reference_step(params, loss_fn, lr: float, eps: float, seed: int) -> fl
 def build(name: str, device: str):
     """(model, loss_fn) for a named benchmark model."""
     g = torch.Generator().manual_seed(0)
-    if name == "char-lm":
+    if name in ("char-lm", "text-finetune"):
         from anyorder.bench.registry import get_task
 
-        task = get_task("char-lm")(device=device)
-        model = task.init_model(0)
-        batch = next(task.batches(g))
-        return model, lambda: task.loss(model, batch)
-    if name == "text-finetune":
-        from anyorder.bench.registry import get_task
-
-        task = get_task("text-finetune")(device=device)
+        task = get_task(name)(device=device)
         model = task.init_model(0)
         batch = next(task.batches(g))
         return model, lambda: task.loss(model, batch)

@@ -115,3 +115,19 @@ def test_bad_input():
         SPSA(distribution="cauchy")
     with pytest.raises(ValueError, match="n_queries must be an integer >= 1, got 0"):
         SPSA(n_queries=0)
+
+
+def test_nonfinite_loss_restores_the_weights_and_clears_the_gradients():
+    w, f, _ = _quadratic()
+    before = w.detach().clone()
+    w.grad = torch.ones_like(w)  # a stale gradient from an earlier step
+    calls = []
+
+    def flaky(backward=True):
+        calls.append(1)
+        return f() * (float("nan") if len(calls) == 2 else 1.0)
+
+    sample = SPSA(seed=0).estimate_([w], flaky, step=0)
+    assert not sample.finite
+    assert w.grad is None  # torch.optim skips it instead of reusing the stale one
+    assert torch.allclose(w.detach(), before, atol=1e-15)

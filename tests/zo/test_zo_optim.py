@@ -290,3 +290,23 @@ def test_bad_input():
         ZOSGD(model.parameters(), lr=0.1, momentum=1.5)
     with pytest.raises(ValueError, match="betas must be two numbers"):
         ZOAdam(model.parameters(), lr=0.1, betas=(0.9, 1.0))
+
+
+def test_probe_compares_estimate_and_gradient_in_the_same_layout_for_channels_last_weights():
+    conv = nn.Conv2d(3, 4, 3, bias=False).double().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+
+    def closure(backward=False):
+        return conv(x).pow(2).mean()
+
+    grad = torch.autograd.grad(closure(), conv.weight)[0]
+    opt = ZOSGD(conv.parameters(), lr=0.0, seed=4, probe_every=1)
+    opt.step(closure)
+    g = opt.last_sample.projected[0]
+    z = direction(
+        (conv.weight.numel(),), 4, 0, 0, 0, distribution="rademacher", dtype=torch.float64
+    )
+    # The direction runs over the weight in memory order; so must the gradient it is compared with.
+    grad_memory_order = grad.permute(0, 2, 3, 1).reshape(-1)
+    expected = float(torch.dot(g * z, grad_memory_order) / ((g * z).norm() * grad.norm()))
+    assert opt.probes[0].cosine == pytest.approx(expected, rel=1e-9)

@@ -219,7 +219,9 @@ class SPSA:
         """Write the estimate into every ``p.grad`` (for use with first-order rules).
 
         ``closure`` follows the closure contract and is called with ``backward=False``.
-        Unlike the ZO optimizers this materialises a gradient buffer per parameter.
+        Unlike the ZO optimizers this materialises a gradient buffer per parameter. If a loss is
+        not finite, the weights are restored and every ``p.grad`` is set to ``None``, so a
+        following ``torch.optim`` step leaves them alone instead of reusing stale gradients.
         """
         from anyorder.core.closure import call_closure
 
@@ -231,13 +233,15 @@ class SPSA:
         sample = self.sample(indexed, loss_at, step)
         if not sample.finite:
             self.restore(indexed, sample)
+            for _, p in indexed:
+                p.grad = None
             return sample
         for index, p in indexed:
             p.grad = self.finish_tensor(index, p, sample)
         return sample
 
 
-def warn_if_mu_below_resolution(params: IndexedParams, mu: float, z_scale: float = 1.0) -> None:
+def warn_if_mu_below_resolution(params: IndexedParams, mu: float) -> None:
     """Warn when ``mu`` is below the spacing of floating-point numbers at the weights' size.
 
     A perturbation smaller than half an ulp of |w| rounds away in low-precision dtypes (bfloat16's
@@ -249,7 +253,7 @@ def warn_if_mu_below_resolution(params: IndexedParams, mu: float, z_scale: float
         # The median magnitude of (at most) the first chunk: no copy of a large tensor is made.
         typical = float(flat_view(p.detach())[:CHUNK].abs().float().median())
         ulp = torch.finfo(p.dtype).eps * max(typical, torch.finfo(p.dtype).tiny)
-        if mu * z_scale < ulp:
+        if mu < ulp:
             warnings.warn(
                 f"mu={mu:g} is below the resolution of {p.dtype} weights of typical size "
                 f"{typical:.3g} (ulp {ulp:.3g}) in tensor {index}: perturbations round away; "

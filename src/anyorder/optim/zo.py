@@ -4,8 +4,8 @@
 (``torch.optim.Adam`` semantics, L2 weight decay) fed the same estimate, as in the MeZO paper's
 ZO-Adam variant. Both evaluate the closure with ``backward=False`` under ``torch.no_grad()`` and
 never build an autograd graph. Memory beyond inference: ZOSGD keeps nothing (a momentum buffer if
-``momentum > 0``), ZOAdam its two moment buffers; during the update one direction-sized temporary
-exists at a time.
+``momentum > 0``), ZOAdam its two moment buffers; directions and estimates exist one chunk
+(:data:`anyorder.core.rng.CHUNK` elements) at a time.
 
 Evaluations per step: ``2 * n_queries`` (``1 + n_queries`` when ``one_sided``). ``step(closure)``
 returns the mean of the losses it evaluated, as a float.
@@ -62,6 +62,8 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         on_nonfinite: str,
         portable_directions: bool,
     ) -> None:
+        if defaults.get("weight_decay", 0.0) < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {defaults['weight_decay']!r}")
         if not isinstance(probe_every, int) or probe_every < 0:
             raise ValueError(f"probe_every must be an integer >= 0 (0: off), got {probe_every!r}")
         # The estimator validates mu, n_queries, distribution and seed.
@@ -87,15 +89,22 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         super().load_state_dict(state_dict)
         self.estimator.seed = int(self.global_state["seed"])
 
-    def _true_gradients(self, closure: Callable[..., Any]) -> dict[int, torch.Tensor]:
-        params = [p for _, p, _ in self._indexed()]
+    def _true_gradients(
+        self, closure: Callable[..., Any], indexed: list[tuple[int, torch.Tensor, dict[str, Any]]]
+    ) -> dict[int, torch.Tensor]:
+        """Backprop gradients of the closure's loss, each laid out like its parameter (so that
+        ``flat_view`` walks both in the same order as the directions)."""
+        params = [p for _, p, _ in indexed]
         with torch.enable_grad():
             loss = call_closure(closure, backward=False)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return {
-            i: (g if g is not None else torch.zeros_like(p))
-            for (i, p, _), g in zip(self._indexed(), grads)
-        }
+        out = {}
+        for (i, p, _), g in zip(indexed, grads):
+            laid_out = torch.zeros_like(p)  # preserves p's strides (e.g. channels-last)
+            if g is not None:
+                laid_out.copy_(g)
+            out[i] = laid_out
+        return out
 
     def _fused_update(
         self, index: int, p: torch.Tensor, group: dict[str, Any], sample: SPSASample
@@ -133,7 +142,7 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             warn_if_mu_below_resolution(pairs, self.estimator.mu)
             self._checked_resolution = True
         probe = self.probe_every > 0 and step % self.probe_every == 0
-        true_grads = self._true_gradients(closure) if probe else None
+        true_grads = self._true_gradients(closure, indexed) if probe else None
 
         def loss_at() -> float:
             loss = self.evaluate(closure, backward=False)
@@ -153,7 +162,7 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
                 continue
             flat = flat_view(p)
             buffers = {name: flat_view(buf) for name, buf in self._buffers(p, group).items()}
-            g_flat = None if true_grads is None else flat_view(true_grads[i].contiguous())
+            g_flat = None if true_grads is None else flat_view(true_grads[i])
             # Rules are element-wise, so they run chunk by chunk on views of the weights and
             # state: no estimate of the tensor's size is ever formed.
             for start, end, estimate in self.estimator.finish_chunks(i, p, sample):
@@ -219,8 +228,6 @@ class ZOSGD(_ZeroOrderOptimizer):
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         super().__init__(
             params,
             {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
@@ -300,8 +307,6 @@ class ZOAdam(_ZeroOrderOptimizer):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         super().__init__(
             params,
             {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
