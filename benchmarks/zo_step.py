@@ -6,7 +6,8 @@ Usage: python benchmarks/zo_step.py [--models char-lm,gpt2-4x256,bert-4x256,text
 For each model and batch it measures, interleaved round-robin so that machine noise hits every
 method alike, the median wall time of:
   forward        one loss evaluation under no_grad (the unit: ratios are to this)
-  zosgd          anyorder.optim.ZOSGD step (default Rademacher directions; 3 passes over the weights)
+  zosgd          anyorder.optim.ZOSGD step (default directions: Rademacher on the CPU, Gaussian on a
+                 GPU; 3 passes over the weights)
   zosgd-gauss    the same with Gaussian directions
   mezo-ref       MeZO's zo_step algorithm written out plainly (perturb, forward, perturb, forward,
                  restore, then update: four passes, each redrawing z after torch.manual_seed, as

@@ -111,7 +111,9 @@ def test_bad_input():
         SPSA(mu=0)
     with pytest.raises(ValueError, match="mu must be a finite number > 0, got -0.1"):
         SPSA(mu=-0.1)
-    with pytest.raises(ValueError, match="unknown distribution 'cauchy'; choose one of gaussian"):
+    with pytest.raises(
+        ValueError, match="unknown distribution 'cauchy'; choose one of auto, gaussian"
+    ):
         SPSA(distribution="cauchy")
     with pytest.raises(ValueError, match="n_queries must be an integer >= 1, got 0"):
         SPSA(n_queries=0)
@@ -131,3 +133,17 @@ def test_nonfinite_loss_restores_the_weights_and_clears_the_gradients():
     assert not sample.finite
     assert w.grad is None  # torch.optim skips it instead of reusing the stale one
     assert torch.allclose(w.detach(), before, atol=1e-15)
+
+
+def test_auto_distribution_is_rademacher_on_the_cpu_and_gaussian_on_accelerators():
+    auto = SPSA()
+    assert auto.resolve_distribution(torch.device("cpu")) == "rademacher"
+    assert auto.resolve_distribution(torch.device("cuda")) == "gaussian"
+    # Portable directions are drawn on the CPU for every device, so they stay Rademacher.
+    assert SPSA(portable=True).resolve_distribution(torch.device("cuda")) == "rademacher"
+    assert SPSA(distribution="sphere").resolve_distribution(torch.device("cuda")) == "sphere"
+    w, f, _ = _quadratic()
+    SPSA(seed=5).estimate_([w], f, step=2)
+    auto_grad = w.grad.clone()
+    SPSA(seed=5, distribution="rademacher").estimate_([w], f, step=2)
+    assert torch.allclose(auto_grad, w.grad, rtol=1e-9)  # same signs; w moved by rounding only

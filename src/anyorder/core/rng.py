@@ -13,7 +13,7 @@ a generator seeded with SplitMix64-mixed ``(seed, step, query, index, k)``. So
   the same numbers by construction, for every tensor size.
 
 Distributions (all with E[z z^T] = I): ``gaussian``; ``rademacher`` (+-1, eight signs per random
-byte, about five times cheaper than a Gaussian on a CPU); ``sphere`` (uniform on the sphere of
+byte, about three times cheaper than a Gaussian on a CPU, ten times dearer on a GPU); ``sphere`` (uniform on the sphere of
 radius sqrt(numel) per tensor; needs one extra pass to find the norm).
 
 Directions are drawn in float32 and cast to ``dtype``. By default they are drawn on the CPU and

@@ -72,7 +72,9 @@ class SPSA:
     Args:
         mu: perturbation scale (> 0).
         n_queries: directions per estimate (>= 1).
-        distribution: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"`` (per tensor, radius
+        distribution: ``"auto"`` (default: Rademacher where directions are drawn on the CPU,
+            Gaussian where they are drawn on an accelerator; each is the faster there, see
+            BENCHMARKS.md), ``"rademacher"``, ``"gaussian"`` or ``"sphere"`` (per tensor, radius
             sqrt(numel), so E[z z^T] = I for all three).
         one_sided: forward differences against f(w) instead of central differences.
         seed: the direction stream's seed.
@@ -85,7 +87,7 @@ class SPSA:
         self,
         mu: float = 1e-3,
         n_queries: int = 1,
-        distribution: str = "rademacher",
+        distribution: str = "auto",
         one_sided: bool = False,
         seed: int = 0,
         portable: bool = False,
@@ -94,9 +96,9 @@ class SPSA:
             raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
         if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
             raise ValueError(f"n_queries must be an integer >= 1, got {n_queries!r}")
-        if distribution not in DISTRIBUTIONS:
+        if distribution != "auto" and distribution not in DISTRIBUTIONS:
             raise ValueError(
-                f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}"
+                f"unknown distribution {distribution!r}; choose one of auto, {', '.join(DISTRIBUTIONS)}"
             )
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
@@ -112,6 +114,13 @@ class SPSA:
         """Closure evaluations one estimate costs."""
         return 1 + self.n_queries if self.one_sided else 2 * self.n_queries
 
+    def resolve_distribution(self, device: torch.device) -> str:
+        """The distribution used for a parameter on ``device`` (resolves ``"auto"``)."""
+        if self.distribution != "auto":
+            return self.distribution
+        drawn_on_cpu = self.portable or torch.device(device).type == "cpu"
+        return "rademacher" if drawn_on_cpu else "gaussian"
+
     def chunks(
         self, index: int, p: torch.Tensor, step: int, query: int
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -123,7 +132,7 @@ class SPSA:
             step,
             query,
             index,
-            distribution=self.distribution,
+            distribution=self.resolve_distribution(p.device),
             dtype=p.dtype,
             device=p.device,
             draw_on_device=not self.portable,
