@@ -223,3 +223,92 @@ def test_time_budget_flag_caps_each_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for run in json.loads((out / "results.json").read_text())["runs"]:
         assert run["time_budget_s"] == 0.05 and run["steps"] < 1000000
+
+
+def test_hessian_command_writes_json_plots_and_summary(tmp_path):
+    import torch
+
+    from anyorder.bench.registry import get_task
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(get_task("digits-mlp")().init_model(3).state_dict(), ckpt)
+    out = tmp_path / "h"
+    args = ["hessian", "--task", "digits-mlp", "--batches", "2", "--top-k", "2"]
+    args += ["--matvecs", "12", "--checkpoint", str(ckpt), "--out", str(out)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["density.png", "hessian.json", "layers.png"]
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "hessian.json").read_text())
+    assert data["task"] == "digits-mlp" and data["n_params"] == 4810 and data["samples"] == 128
+    assert data["checkpoint"] == str(ckpt)
+    top = data["top"]["eigenvalues"]
+    assert len(top) == 2 and top[0] >= top[1] > data["bottom"]["eigenvalues"][0]
+    assert [layer["name"] for layer in data["layers"]] == ["0", "2"]
+    assert {a["optimizer"] for a in data["batch_size_advice"]} == {"sgd", "adam"}
+    assert "top eigenvalues:" in proc.stdout and "HAWQ-V2 bits" in proc.stdout
+    # the checkpoint is what was analysed: another seed without it gives other numbers
+    proc2 = run_cli(*args[:-4], "--seed", "0", "--out", str(tmp_path / "h2"), "--no-progress")
+    assert proc2.returncode == 0, proc2.stderr
+    assert json.loads((tmp_path / "h2" / "hessian.json").read_text())["top"]["eigenvalues"] != top
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--task", "mnist"], "unknown task 'mnist'; valid tasks:"),
+        (["--task", "digits-mlp", "--batches", "0"], "expected a positive integer, got '0'"),
+        (
+            ["--task", "digits-mlp", "--checkpoint", "nope.pt"],
+            "checkpoint 'nope.pt' does not exist",
+        ),
+        ([], "the following arguments are required: --task"),
+    ],
+)
+def test_hessian_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
+    proc = run_cli("hessian", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_hessian_checkpoint_that_does_not_fit_exits_2(tmp_path):
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"weight": torch.zeros(2)}, bad)
+    proc = run_cli(
+        "hessian", "--task", "digits-mlp", "--checkpoint", str(bad), "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "does not fit the task's model" in proc.stderr
+
+
+def test_bench_monitor_records_curvature_per_run(tmp_path):
+    out = tmp_path / "m"
+    proc = run_cli(
+        "bench",
+        "--tasks",
+        "digits-mlp",
+        "--optimizers",
+        "sgd",
+        "--steps",
+        "5",
+        "--monitor-every",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    mon = run["monitor"]
+    assert mon["every"] == 2 and mon["error"] is None
+    assert [r["step"] for r in mon["records"]] == [0, 2, 4]
+    rec = mon["records"][0]
+    assert rec["lr"] == run["hyperparameters"]["lr"] and rec["threshold"] == 2 / rec["lr"]
+    assert rec["top_eigenvalue"] > 0 and rec["eigenvalue_above"] == (
+        rec["top_eigenvalue"] > rec["threshold"]
+    )
+    assert run["forward_evals"] == 5  # the monitor's evaluations are not the optimizer's

@@ -1,6 +1,7 @@
 """The ``anyorder`` command-line tool.
 
 ``anyorder bench``: run the benchmark suite (see ``anyorder bench --help``).
+``anyorder hessian``: Hessian spectrum, trace, density and per-layer sensitivity of a task's model.
 ``anyorder list``: the registered tasks and optimizers.
 
 Bad input exits with code 2 and one line on stderr naming the bad value and what is allowed.
@@ -112,6 +113,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    bench.add_argument(
+        "--monitor",
+        action="store_true",
+        help="record the top Hessian eigenvalue and trace against 2/lr during each run",
+    )
+    bench.add_argument(
+        "--monitor-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="steps between monitor checks (default: the monitor's, 100); implies --monitor",
+    )
+    hess = sub.add_parser(
+        "hessian",
+        help="Hessian spectrum, trace, density and per-layer sensitivity of a task's model",
+        description="Analyse the Hessian of a bench task's loss: top and smallest eigenvalues "
+        "(Lanczos), trace (Hutch++), spectral density (SLQ), per-layer traces with a HAWQ-V2 bit "
+        "allocation and batch-size learning-rate advice. Writes hessian.json, density.png and "
+        "layers.png to --out.",
+    )
+    hess.add_argument("--task", required=True, help="task name (see anyorder list)")
+    hess.add_argument(
+        "--checkpoint", type=Path, help="state dict of the task's model (torch.save) to analyse"
+    )
+    hess.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default ./anyorder-hessian/<timestamp>); never overwritten",
+    )
+    hess.add_argument("--seed", type=_seed, default=0, help="seed for weights and data (default 0)")
+    hess.add_argument(
+        "--batches",
+        type=_positive_int,
+        default=8,
+        help="batches of the task's stream to average over (default 8)",
+    )
+    hess.add_argument("--top-k", type=_positive_int, default=5, help="top eigenvalues (default 5)")
+    hess.add_argument(
+        "--matvecs",
+        type=_positive_int,
+        default=99,
+        help="Hessian-vector products for the trace (default 99)",
+    )
+    hess.add_argument(
+        "--new-batch-size",
+        type=_positive_int,
+        help="batch size to advise a learning rate for (default: 4x the task's)",
+    )
+    hess.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
+    hess.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("list", help="list the registered tasks and optimizers")
     return parser
 
@@ -154,12 +204,88 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    monitor_every = args.monitor_every
+    if args.monitor and monitor_every is None:
+        from anyorder.hessian.monitor import DEFAULT_EVERY
+
+        monitor_every = DEFAULT_EVERY
     result = run_suite(
-        plan, suite=args.suite, seed=args.seed, progress=not args.no_progress, log=log
+        plan,
+        suite=args.suite,
+        seed=args.seed,
+        progress=not args.no_progress,
+        log=log,
+        monitor_every=monitor_every,
     )
     write_report(result, out_dir)
     print(format_table(result))
     print(f"\nwrote {out_dir / 'results.json'}, results.csv, plots and index.html")
+    return 0
+
+
+def _load_checkpoint(model: object, path: Path) -> None:
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: one line, exit 2
+        raise UsageError(
+            f"checkpoint {str(path)!r} is not a torch.save file: {str(err).splitlines()[0]}"
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UsageError(f"checkpoint {str(path)!r} must hold a state dict")
+    try:
+        model.load_state_dict(state)  # type: ignore[attr-defined]
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = " ".join(str(err).split())
+        raise UsageError(
+            f"checkpoint {str(path)!r} does not fit the task's model: {first}"
+        ) from err
+
+
+def _cmd_hessian(args: argparse.Namespace) -> int:
+    from anyorder.bench.registry import UnknownNameError, get_optimizer, get_task
+    from anyorder.bench.report import OutDirExistsError, prepare_out_dir
+    from anyorder.bench.tasks.base import MissingDataError
+    from anyorder.hessian.analysis import analyse_task, format_summary, write_hessian_report
+
+    out = args.out or Path("anyorder-hessian") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+        task = get_task(args.task)(device=args.device)
+        model = task.init_model(args.seed)
+        if args.checkpoint is not None:
+            _load_checkpoint(model, args.checkpoint)
+        base_lr = {}
+        for name in ("sgd", "adam"):
+            hp = get_optimizer(name).hyperparameters(task.name)
+            if isinstance(hp.get("lr"), (int, float)):
+                base_lr[name] = float(hp["lr"])
+        out_dir = prepare_out_dir(out)
+    except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:
+        raise UsageError(str(err)) from err
+    report = analyse_task(
+        task,
+        model,
+        seed=args.seed,
+        n_batches=args.batches,
+        top_k=args.top_k,
+        matvecs=max(5, args.matvecs),
+        checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        base_lr=base_lr,
+        new_batch_size=args.new_batch_size,
+        progress=not args.no_progress,
+    )
+    write_hessian_report(report, out_dir)
+    print(format_summary(report))
+    print(f"\nwrote {out_dir / 'hessian.json'}, density.png and layers.png")
     return 0
 
 
@@ -170,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "hessian":
+            return _cmd_hessian(args)
         if args.command == "list":
             return _cmd_list()
         parser.print_help()

@@ -88,6 +88,9 @@ class RunResult:
     diverged: bool
     error: str | None = None
     history: list[HistoryPoint] = field(default_factory=list)
+    #: ``anyorder bench --monitor``: the Hessian monitor's settings, records and seconds
+    #: (``anyorder.hessian.HessianMonitor.to_dict``), or ``None`` when not monitored.
+    monitor: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -213,6 +216,14 @@ def _loss_value(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
+def _forward_count(opt: torch.optim.Optimizer, counter: EvalCounter) -> int:
+    """Loss evaluations so far. Particle methods evaluate a whole population in one vectorised
+    call, which the counter sees once; they report the true count in
+    ``global_state["function_evaluations"]``."""
+    population = getattr(opt, "global_state", {}).get("function_evaluations")
+    return int(population) if population is not None else counter.forward
+
+
 def _task_closure(task: Task, model: torch.nn.Module, batch: Any, loss_fn: Callable[..., Any]):
     return make_closure(model, lambda output, _batch: output, batch, forward=loss_fn)
 
@@ -275,11 +286,16 @@ def run_one(
     memory_steps: int = MEMORY_STEPS,
     inference: tuple[int, float] | None = None,
     on_step: Callable[[], None] | None = None,
+    monitor_every: int | None = None,
 ) -> RunResult:
     """Train ``run.spec`` on ``run.task`` for ``run.steps`` steps from ``seed``.
 
     Peak memory comes from a separate probe of ``memory_steps`` steps on a fresh copy (so the
     profiler does not slow the timed run). A non-finite loss ends the run as diverged.
+
+    ``monitor_every``: run :class:`anyorder.hessian.HessianMonitor` every that many steps on a
+    fixed batch (drawn from its own generator, so the data order is unchanged), outside the timed
+    step and the evaluation counts; its records go into ``RunResult.monitor``.
     """
     task = run.task
     inf_peak, inf_time = inference if inference is not None else inference_figures(task, seed)
@@ -294,6 +310,8 @@ def run_one(
     times: list[float] = []
     wall = 0.0
     diverged, error = False, None
+    monitor = _make_monitor(task, model, opt, seed, monitor_every) if monitor_every else None
+    monitor_error = None
     for step in range(run.steps):
         batch = next(batches)
         closure = _task_closure(task, model, batch, counted_loss)
@@ -309,7 +327,12 @@ def run_one(
         times.append(dt)
         wall += dt
         value = _loss_value(loss)
-        history.append(HistoryPoint(step, value, wall, counter.forward))
+        history.append(HistoryPoint(step, value, wall, _forward_count(opt, counter)))
+        if monitor is not None and monitor_error is None and math.isfinite(value):
+            try:
+                monitor.step()
+            except Exception as err:  # a failed analysis must not end the run
+                monitor_error = f"{type(err).__name__}: {err}"
         if on_step is not None:
             on_step()
         if not math.isfinite(value):
@@ -340,9 +363,9 @@ def run_one(
         inference_time_s=_finite_or_none(inf_time),
         peak_memory_bytes=mem_peak,
         inference_peak_memory_bytes=inf_peak,
-        forward_evals=counter.forward,
+        forward_evals=_forward_count(opt, counter),
         backward_evals=counter.backward,
-        forward_evals_per_step=counter.forward / max(done, 1),
+        forward_evals_per_step=_forward_count(opt, counter) / max(done, 1),
         backward_evals_per_step=counter.backward / max(done, 1),
         diverged=diverged,
         error=error,
@@ -352,6 +375,26 @@ def run_one(
             )
             for h in history
         ],
+        monitor=None
+        if monitor is None
+        else {**monitor.to_dict(), "error": monitor_error, "train_seconds": wall},
+    )
+
+
+def _make_monitor(
+    task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int, every: int
+) -> Any:
+    from anyorder.hessian.monitor import HessianMonitor
+
+    batch = next(task.batches(torch.Generator().manual_seed(seed + 1)))
+    return HessianMonitor(
+        model,
+        lambda output, _batch: output,
+        batch,
+        forward=task.loss,
+        every=every,
+        optimizer=opt,
+        seed=seed,
     )
 
 
@@ -362,8 +405,10 @@ def run_suite(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    monitor_every: int | None = None,
 ) -> SuiteResult:
-    """Run every planned run in order; a diverged run is recorded and the suite goes on."""
+    """Run every planned run in order; a diverged run is recorded and the suite goes on.
+    ``monitor_every`` turns on the Hessian monitor (see :func:`run_one`)."""
     from tqdm.auto import tqdm
 
     device = plan[0].task.device if plan else torch.device("cpu")
@@ -376,7 +421,13 @@ def run_suite(
             key = id(run.task)
             if key not in inference:
                 inference[key] = inference_figures(run.task, seed)
-            result = run_one(run, seed, inference=inference[key], on_step=lambda: bar.update(1))
+            result = run_one(
+                run,
+                seed,
+                inference=inference[key],
+                on_step=lambda: bar.update(1),
+                monitor_every=monitor_every,
+            )
             bar.update(run.steps - result.steps)
             if result.diverged and log is not None:
                 log(f"{run.task.name} / {run.spec.name}: diverged after {result.steps} steps")

@@ -120,7 +120,9 @@ def make_closure(
     ``loss_fn(output, target)`` is applied to ``model(inputs)`` when ``batch`` is an
     ``(inputs, target)`` pair; pass ``forward(model, batch) -> output`` for other batch layouts (then
     ``loss_fn(output, batch)`` is called). See the module docstring for the dropout and batch-norm
-    policy (``replay_rng``).
+    policy (``replay_rng``). The closure carries the model as ``closure.model``: particle methods
+    (:class:`anyorder.optim.CBO`) use it to evaluate a whole population of parameter vectors in one
+    vectorised call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -173,4 +175,5 @@ def make_closure(
             _bn_restore(saved_bn)
         return loss
 
+    closure.model = model  # type: ignore[attr-defined]  # particle methods vmap over it
     return closure

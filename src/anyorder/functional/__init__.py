@@ -4,7 +4,20 @@ Each rule is written once, vectorised with ``torch._foreach_*``, and fed by any 
 backprop gradients, SPSA estimates or coordinate-wise estimates.
 """
 
+from anyorder.functional.adahessian import adahessian_, spatial_average_
 from anyorder.functional.adam import adam_
+from anyorder.functional.diffgrad import diffgrad_
+from anyorder.functional.lion import lion_
 from anyorder.functional.sgd import sgd_
+from anyorder.functional.sophia import ema_, sophia_
 
-__all__ = ["adam_", "sgd_"]
+__all__ = [
+    "adahessian_",
+    "adam_",
+    "diffgrad_",
+    "ema_",
+    "lion_",
+    "sgd_",
+    "sophia_",
+    "spatial_average_",
+]

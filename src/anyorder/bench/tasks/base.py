@@ -7,7 +7,9 @@ A task declares what it *provides* so the runner knows which optimizers apply:
 * ``"gradients"``: the loss is differentiable by autograd (every task here);
 * ``"model"``: a neural network trained on batches of real data;
 * ``"vector"``: a function of one flat vector, also evaluable on a batch of points ``(n, d)`` by
-  :meth:`FunctionTask.batched` (for particle methods).
+  :meth:`FunctionTask.batched`;
+* ``"population"``: small enough that evaluating a swarm of tens of parameter vectors per step is
+  affordable (for particle methods such as consensus-based optimization).
 
 Function tasks wrap their point in :class:`PointModule`, so the runner and every optimizer see an
 ``nn.Module`` either way.
@@ -117,7 +119,7 @@ class PointModule(nn.Module):
 class FunctionTask(Task):
     """Minimise a function of one vector; the metric is the distance to its known minimiser."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({"values", "gradients", "vector"})
+    provides: ClassVar[frozenset[str]] = frozenset({"values", "gradients", "vector", "population"})
     metric_name: ClassVar[str] = "distance_to_minimiser"
     higher_is_better: ClassVar[bool] = False
 

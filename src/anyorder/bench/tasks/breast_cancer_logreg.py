@@ -87,6 +87,7 @@ class BreastCancerLogReg(ModelTask):
     description = (
         "sklearn breast cancer, L2 logistic regression (convex); metric: gap to L-BFGS optimum"
     )
+    provides = frozenset({"values", "gradients", "model", "population"})
     metric_name = "suboptimality_gap"
     higher_is_better = False
     default_steps: ClassVar[dict[str, int]] = {"quick": 300, "full": 3000}

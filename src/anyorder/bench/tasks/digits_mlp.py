@@ -35,6 +35,7 @@ class DigitsMLP(ModelTask):
 
     name = "digits-mlp"
     description = "sklearn digits 8x8, MLP 64-h-10, cross-entropy; metric: held-out accuracy"
+    provides = frozenset({"values", "gradients", "model", "population"})
     metric_name = "test_accuracy"
     higher_is_better = True
     default_steps: ClassVar[dict[str, int]] = {"quick": 300, "full": 3000}

@@ -1,0 +1,303 @@
+"""anyorder.hessian against PyHessian and hessian-eigenthings, side by side in one run.
+
+Same model, same data (the whole digits training set as one batch, float32), same thread count:
+top-1 eigenvalue, top-5 eigenvalues, trace and SLQ density; errors against a float64 reference
+(Lanczos to 1e-10 for eigenvalues, the exact trace from unit-vector products), wall time as the
+median of ``--repeats`` runs, ratios. Then the cost of ``HessianMonitor`` at its default interval
+as a fraction of training time (digits-mlp task, SGD).
+
+    python benchmarks/hessian_vs_pyhessian.py [--repeats 3] [--threads 2] [--json out.json]
+
+Peers are benchmark-only: ``pip install --no-deps pyhessian hessian-eigenthings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anyorder.hessian import Hessian, HessianMonitor, density, eigenvalues, trace
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from anyorder.bench.tasks.digits_mlp import load_digits_split
+
+    x, y, _, _ = load_digits_split()
+    return x, y
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)  # benchmark script: fixed initial weights
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)
+        return self.fc(x.flatten(1))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def reference(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    m64 = copy.deepcopy(model).double()
+    b64 = (batch[0].double(), batch[1])
+    op = Hessian(m64, F.cross_entropy, b64)
+    top = eigenvalues(op, 5, tol=1e-10, max_iter=1000)
+    tr = relu_net_trace(m64, b64)
+    return {"top": list(top.eigenvalues), "trace": tr, "converged": top.converged}
+
+
+def relu_net_trace(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The exact Hessian trace of a ReLU/max-pool network under cross-entropy.
+
+    The network output is piecewise linear in each single parameter, so the Hessian's diagonal
+    equals the Gauss-Newton diagonal: ``tr H = (1/N) sum_n tr(H_L,n J_n J_n^T)`` with per-sample
+    Jacobians ``J_n`` (``C x P``) and ``H_L,n = diag(p_n) - p_n p_n^T``.
+    """
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = batch
+
+    def out(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (xi[None],))[0]
+
+    total = 0.0
+    for start in range(0, x.shape[0], 64):
+        xs = x[start : start + 64]
+        jac = vmap(jacrev(out), in_dims=(None, 0))(params, xs)
+        j = torch.cat([t.reshape(xs.shape[0], t.shape[1], -1) for t in jac.values()], dim=2)
+        gram = j @ j.transpose(1, 2)  # (n, C, C)
+        prob = torch.softmax(model(xs), dim=1).detach()
+        h_l = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+        total += float((h_l * gram).sum())
+    return total / x.shape[0]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def pyhessian_runs(model, batch, repeats, trace_seeds):
+    from pyhessian import hessian as PyHessian
+
+    def fresh() -> Any:
+        for p in model.parameters():
+            p.grad = None
+        return PyHessian(model, F.cross_entropy, data=batch, cuda=False)
+
+    def top(n: int) -> list[float]:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # PyHessian draws from the global RNG
+            return fresh().eigenvalues(top_n=n)[0]
+
+    out: dict[str, Any] = {}
+    out["top1_s"], out["top1"] = timed(lambda: top(1), repeats)
+    out["top5_s"], out["top5"] = timed(lambda: top(5), repeats)
+    traces, times, counts = [], [], []
+    for seed in range(trace_seeds):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            samples = fresh().trace()
+            times.append(time.perf_counter() - t0)
+        traces.append(sum(samples) / len(samples))
+        counts.append(len(samples))
+    out["trace_s"], out["traces"], out["trace_matvecs"] = statistics.median(times), traces, counts
+
+    def dens() -> Any:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return fresh().density(iter=100, n_v=1)
+
+    try:
+        out["density_s"], _ = timed(dens, repeats)
+    except RuntimeError as err:  # PyHessian 0.1 calls torch.eig, removed in torch 1.9+
+        out["density_s"], out["density_error"] = None, str(err).splitlines()[0]
+    for p in model.parameters():
+        p.grad = None
+    model.train()  # PyHessian leaves the model in eval mode
+    return out
+
+
+def anyorder_runs(model, batch, repeats, trace_seeds, trace_matvecs):
+    out: dict[str, Any] = {}
+
+    def top(k: int, tol: float) -> list[float]:
+        return list(eigenvalues(Hessian(model, F.cross_entropy, batch), k, tol=tol).eigenvalues)
+
+    out["top1_s"], out["top1"] = timed(lambda: top(1, 1e-4), repeats)
+    out["top5_s"], out["top5"] = timed(lambda: top(5, 1e-4), repeats)
+    traces, times = [], []
+    for seed in range(trace_seeds):
+        t0 = time.perf_counter()
+        est = trace(Hessian(model, F.cross_entropy, batch), matvecs=trace_matvecs, seed=seed)
+        times.append(time.perf_counter() - t0)
+        traces.append(est.estimate)
+    out["trace_s"], out["traces"] = statistics.median(times), traces
+    out["density_s"], _ = timed(
+        lambda: density(Hessian(model, F.cross_entropy, batch), n_vectors=1, steps=100), repeats
+    )
+    return out
+
+
+def eigenthings_runs(model, batch, repeats, trace_seeds, trace_matvecs):
+    import hessian_eigenthings as he
+
+    def op() -> Any:
+        return he.HessianOperator(model, [batch], he.supervised_loss(F.cross_entropy))
+
+    def top(k: int) -> list[float]:
+        res = he.lanczos(op(), k=k, which="LA", tol=1e-4, max_iter=80, reorthogonalize=True, seed=0)
+        return sorted((float(v) for v in res.eigenvalues), reverse=True)[:k]
+
+    out: dict[str, Any] = {}
+    out["top1_s"], out["top1"] = timed(lambda: top(1), repeats)
+    out["top5_s"], out["top5"] = timed(lambda: top(5), repeats)
+    traces, times = [], []
+    for seed in range(trace_seeds):
+        t0 = time.perf_counter()
+        res = he.trace(op(), num_matvecs=trace_matvecs, method="hutch++", seed=seed)
+        times.append(time.perf_counter() - t0)
+        traces.append(float(res.estimate))
+    out["trace_s"], out["traces"] = statistics.median(times), traces
+    return out
+
+
+def compare(name: str, model: nn.Module, batch, repeats: int, trace_seeds: int) -> dict[str, Any]:
+    n = sum(p.numel() for p in model.parameters())
+    print(f"\n== {name}: {n} parameters, {batch[0].shape[0]} samples ==", flush=True)
+    ref = reference(model, batch)
+    ph = pyhessian_runs(model, batch, repeats, trace_seeds)
+    budget = round(statistics.mean(ph["trace_matvecs"]))
+    ours = anyorder_runs(model, batch, repeats, trace_seeds, max(5, budget))
+    eig = eigenthings_runs(model, batch, repeats, trace_seeds, max(5, budget))
+    rows = []
+    for label, r in (("anyorder", ours), ("pyhessian", ph), ("hessian-eigenthings", eig)):
+        top1 = rel(r["top1"][0], ref["top"][0])
+        top5 = max(rel(a, b) for a, b in zip(r["top5"], ref["top"]))
+        trace_err = statistics.mean(rel(t, ref["trace"]) for t in r["traces"])
+        rows.append(
+            {
+                "library": label,
+                "top1_s": r["top1_s"],
+                "top1_rel_err": top1,
+                "top5_s": r["top5_s"],
+                "top5_max_rel_err": top5,
+                "trace_s": r["trace_s"],
+                "trace_mean_rel_err": trace_err,
+                "density_s": r.get("density_s"),
+            }
+        )
+    print(f"reference: top-5 {[f'{v:.6g}' for v in ref['top']]}, trace {ref['trace']:.6g}")
+    print(f"trace budget: {budget} products (PyHessian's own stopping rule, mean over seeds)")
+    head = "library              top1 s  err      top5 s  max err  trace s  mean err  density s"
+    print(head)
+    for r in rows:
+        d = f"{r['density_s']:.3f}" if r["density_s"] is not None else "-"
+        print(
+            f"{r['library']:20s} {r['top1_s']:6.3f}  {r['top1_rel_err']:.1e}  {r['top5_s']:6.3f}  "
+            f"{r['top5_max_rel_err']:.1e}  {r['trace_s']:7.3f}  {r['trace_mean_rel_err']:.1e}   {d}"
+        )
+    a, p = rows[0], rows[1]
+    ratios = {k: a[k] / p[k] for k in ("top1_s", "top5_s", "trace_s", "density_s") if p[k]}
+    print("anyorder / PyHessian time: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    if ph.get("density_error"):
+        print(f"PyHessian density failed: {ph['density_error']}")
+    return {
+        "model": name,
+        "params": n,
+        "reference": ref,
+        "rows": rows,
+        "ratios": ratios,
+        "pyhessian_density_error": ph.get("density_error"),
+    }
+
+
+def monitor_cost(steps: int = 1000) -> dict[str, Any]:
+    from anyorder.bench.registry import get_task
+
+    task = get_task("digits-mlp")()
+
+    def train(with_monitor: bool) -> tuple[float, float]:
+        model = task.init_model(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = None
+        if with_monitor:
+            fixed = next(task.batches(torch.Generator().manual_seed(1)))
+            mon = HessianMonitor(model, lambda o, _b: o, fixed, forward=task.loss, optimizer=opt)
+        batches = task.batches(torch.Generator().manual_seed(0))
+        t_train = 0.0
+        for _ in range(steps):
+            batch = next(batches)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            task.loss(model, batch).backward()
+            opt.step()
+            t_train += time.perf_counter() - t0
+            if mon is not None:
+                mon.step()
+        return t_train, mon.seconds if mon is not None else 0.0
+
+    train(False)
+    plain, _ = train(False)
+    t_train, t_mon = train(True)
+    out = {"steps": steps, "train_s": plain, "monitor_s": t_mon, "fraction": t_mon / plain}
+    print(
+        f"\n== monitor (digits-mlp, SGD, {steps} steps, every 100) ==\n"
+        f"training {plain:.3f} s, monitor {t_mon:.3f} s: {100 * t_mon / plain:.1f}% of training"
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trace-seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x, y = digits()
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    results["mlp"] = compare("MLP 64-256-128-10", mlp(), (x, y), args.repeats, args.trace_seeds)
+    results["cnn"] = compare("CNN 16-32 conv", cnn(), (x, y), args.repeats, args.trace_seeds)
+    results["monitor"] = monitor_cost()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

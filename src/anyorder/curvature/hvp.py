@@ -1,0 +1,248 @@
+"""Hessian-vector products computed inside the library (DESIGN.md, principle 4).
+
+The user never calls ``backward(create_graph=True)``: :class:`HVPEngine` evaluates the closure
+with ``backward=False`` under ``torch.enable_grad()``, differentiates the loss itself with
+``create_graph=True`` and differentiates the gradient once more against the probe vectors
+(Pearlmutter's R-operator, "Fast Exact Multiplication by the Hessian", 1994). Every graph is
+released before the call returns: nothing returned carries a ``grad_fn``.
+
+Where double backward is unavailable (e.g. PyTorch's fused CPU attention kernel, which
+``transformers`` models use by default), ``method="auto"`` falls back, with one
+:class:`CurvatureFallbackWarning` per engine, to the one-sided finite difference of two gradients
+
+    H v ~ (grad L(theta + h v) - grad L(theta)) / h,   h = sqrt(eps_dtype) (1 + |theta|) / |v|,
+
+which costs one extra forward and backward pass per vector. The parameters are restored exactly
+(from a copy), and closures built by :func:`anyorder.core.make_closure` replay the same dropout
+masks, so the two gradients see the same function.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from anyorder.core.closure import accepts_backward, call_closure
+
+__all__ = [
+    "HVP_METHODS",
+    "CurvatureFallbackWarning",
+    "HVPEngine",
+    "is_double_backward_error",
+    "loss_with_graph",
+    "finite_difference_step",
+]
+
+HVP_METHODS = ("auto", "autograd", "finite_difference")
+
+_DOUBLE_BACKWARD_MARKERS = (
+    "derivative for",
+    "double backward",
+    "not implemented",
+    "does not support",
+    "once_differentiable",
+    "trying to backward through the graph a second time",
+)
+
+
+class CurvatureFallbackWarning(UserWarning):
+    """Double backward is unavailable; a curvature estimator fell back to another method."""
+
+
+def is_double_backward_error(err: BaseException) -> bool:
+    """Whether ``err`` says that an operation has no (double) derivative."""
+    if not isinstance(err, (RuntimeError, NotImplementedError)):
+        return False
+    text = str(err).lower()
+    return any(marker in text for marker in _DOUBLE_BACKWARD_MARKERS)
+
+
+def require_contract_closure(closure: Any, who: str) -> None:
+    """Raise unless ``closure`` follows the closure contract (``closure(backward=False)``)."""
+    if closure is None:
+        raise ValueError(
+            f"{who} computes Hessian-vector products itself and needs a closure: call "
+            "opt.step(closure) with closure(backward: bool = True) -> loss "
+            "(anyorder.core.make_closure(model, loss_fn, batch) builds one)"
+        )
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    if not accepts_backward(closure):
+        raise TypeError(
+            f"{who} needs a closure that accepts backward=False (it differentiates the loss "
+            "itself); got a closure without that argument. Use "
+            "anyorder.core.make_closure(model, loss_fn, batch) or add the argument"
+        )
+
+
+def loss_with_graph(closure: Callable[..., Any]) -> Any:
+    """``closure(backward=False)`` evaluated with autograd recording (whatever it returns)."""
+    with torch.enable_grad():
+        return call_closure(closure, backward=False)
+
+
+def check_scalar_loss(loss: Any) -> torch.Tensor:
+    """Validate that ``loss`` is a scalar tensor attached to the parameters' graph."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"closure(backward=False) must return the loss as a tensor, got {type(loss).__name__}"
+        )
+    if loss.numel() != 1:
+        raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "the closure's loss does not require grad: closure(backward=False) must build the "
+            "autograd graph (do not wrap its forward pass in torch.no_grad())"
+        )
+    return loss
+
+
+def _grads_or_zeros(
+    grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def finite_difference_step(params: Sequence[torch.Tensor], vector: Sequence[torch.Tensor]) -> float:
+    """The step ``h = sqrt(eps) (1 + |theta|) / |v|`` of the one-sided finite difference."""
+    dtype = params[0].dtype if params else torch.float32
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
+    norms = torch._foreach_norm(list(params))
+    theta = float(torch.linalg.vector_norm(torch.stack(norms).double()))
+    vnorm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(vector))).double()))
+    if vnorm == 0.0:
+        return 0.0
+    return math.sqrt(eps) * (1.0 + theta) / vnorm
+
+
+class HVPEngine:
+    """Gradient and Hessian-vector products of a closure's loss, with a remembered fallback.
+
+    Args:
+        method: ``"autograd"`` (double backward, error if unavailable), ``"finite_difference"``
+            or ``"auto"`` (double backward, falling back to finite differences with one
+            :class:`CurvatureFallbackWarning` the first time it is unavailable, and using them
+            from then on).
+        owner: the name used in messages (e.g. ``"Sophia"``).
+    """
+
+    def __init__(self, method: str = "auto", owner: str = "curvature estimator") -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(
+                f"unknown hvp method {method!r}; choose one of {', '.join(HVP_METHODS)}"
+            )
+        self.method = method
+        self.owner = owner
+        #: The method in use: ``None`` until the first product under ``"auto"``.
+        self.resolved: str | None = None if method == "auto" else method
+        self.warned = False
+
+    def _fall_back(self, err: BaseException) -> None:
+        self.resolved = "finite_difference"
+        if not self.warned:
+            self.warned = True
+            first_line = str(err).strip().split("\n")[0]
+            warnings.warn(
+                f"{self.owner}: double backward is unavailable for this model ({first_line}); "
+                "Hessian-vector products fall back to finite differences of two gradients (one "
+                "extra forward and backward pass per probe). Pass hvp='finite_difference' to "
+                "choose this explicitly, or use operations with double backward (for "
+                "transformers models: attn_implementation='eager').",
+                CurvatureFallbackWarning,
+                stacklevel=4,
+            )
+
+    def gradient_and_hvps(
+        self,
+        closure: Callable[..., Any],
+        params: Sequence[torch.Tensor],
+        vectors: Sequence[Sequence[torch.Tensor]],
+        *,
+        split: Callable[[Any], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[list[torch.Tensor]]]:
+        """``(loss, gradient, [H v for v in vectors])`` at the current parameters, detached.
+
+        ``split`` maps what the closure returns to the scalar loss (default: the value itself).
+        A non-finite loss returns early with empty products.
+        """
+        params = list(params)
+        split = split or (lambda out: out)
+        loss = check_scalar_loss(split(loss_with_graph(closure)))
+        if self.resolved != "finite_difference":
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            loss = loss.detach()
+            if not math.isfinite(float(loss)):
+                return loss, [torch.zeros_like(p) for p in params], []
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            try:
+                products = []
+                for k, v in enumerate(vectors):
+                    hv = [torch.zeros_like(p) for p in params]
+                    if live:
+                        out = torch.autograd.grad(
+                            [grads[i] for i in live],
+                            [params[i] for i in live],
+                            grad_outputs=[v[i] for i in live],
+                            retain_graph=k < len(vectors) - 1,
+                            allow_unused=True,
+                        )
+                        for i, h in zip(live, out):
+                            if h is not None:
+                                hv[i] = h
+                    products.append(hv)
+                self.resolved = "autograd"
+                return loss, [g.detach() for g in _grads_or_zeros(grads, params)], products
+            except (RuntimeError, NotImplementedError) as err:
+                if self.method != "auto" or not is_double_backward_error(err):
+                    raise
+                self._fall_back(err)
+                flat = [g.detach() for g in _grads_or_zeros(grads, params)]
+                del grads
+        else:
+            flat = _grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
+            loss = loss.detach()
+            if not math.isfinite(float(loss)):
+                return loss, flat, []
+        return loss, flat, self.finite_difference(closure, params, flat, vectors, split=split)
+
+    def finite_difference(
+        self,
+        closure: Callable[..., Any],
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        vectors: Sequence[Sequence[torch.Tensor]],
+        *,
+        split: Callable[[Any], torch.Tensor] | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """``(grad L(theta + h v) - grad L(theta)) / h`` for each ``v``; parameters restored
+        exactly afterwards."""
+        params = list(params)
+        split = split or (lambda out: out)
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+        products = []
+        try:
+            for v in vectors:
+                h = finite_difference_step(saved, v)
+                if h == 0.0:
+                    products.append([torch.zeros_like(p) for p in params])
+                    continue
+                with torch.no_grad():
+                    torch._foreach_add_(params, list(v), alpha=h)
+                loss = check_scalar_loss(split(loss_with_graph(closure)))
+                shifted = _grads_or_zeros(
+                    torch.autograd.grad(loss, params, allow_unused=True), params
+                )
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved)
+                    diff = torch._foreach_sub(shifted, list(grads))
+                    torch._foreach_div_(diff, h)
+                products.append(list(diff))
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+        return products

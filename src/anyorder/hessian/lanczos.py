@@ -1,0 +1,243 @@
+"""Lanczos iteration with full reorthogonalisation, and the extreme eigenvalues it finds.
+
+PyHessian (Yao et al. 2020) finds top eigenvalues by power iteration with deflation, one
+eigenvalue at a time; Lanczos (as in Ghorbani et al., "An Investigation into Neural Net
+Optimization via Hessian Eigenvalue Density", 2019) finds both ends of the spectrum from one Krylov
+space, in far fewer products. Several independent Lanczos runs advance together through
+``op.matmat`` (one batched Hessian-vector product per step), which stochastic Lanczos quadrature
+uses.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from anyorder.hessian.operators import CurvatureOperator
+from anyorder.hessian.results import Spectrum
+
+__all__ = ["LanczosResult", "lanczos", "eigenvalues", "random_vectors", "WHICH"]
+
+WHICH = ("largest", "smallest", "magnitude")
+
+
+def random_vectors(
+    b: int,
+    n: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    distribution: str = "rademacher",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``b`` random vectors of length ``n`` (rows), drawn on the CPU from an explicit generator
+    (``seed`` or ``generator``) so the same seed gives the same numbers on every device."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    if distribution == "rademacher":
+        out = torch.randint(0, 2, (b, n), generator=generator, dtype=torch.int8)
+        out = out.to(dtype).mul_(2).sub_(1)
+    elif distribution == "gaussian":
+        out = torch.randn(b, n, generator=generator, dtype=torch.float64).to(dtype)
+    else:
+        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    return out.to(device)
+
+
+@dataclass
+class LanczosResult:
+    """Tridiagonal coefficients of ``b`` Lanczos runs: ``alpha[r, :steps[r]]`` and
+    ``beta[r, :steps[r] - 1]``; ``basis`` (``(b, m, n)``) when kept."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    steps: list[int]
+    basis: torch.Tensor | None
+
+    def tridiagonal(self, r: int) -> torch.Tensor:
+        """The ``steps[r] x steps[r]`` tridiagonal matrix of run ``r`` (float64)."""
+        m = self.steps[r]
+        a = self.alpha[r, :m].double()
+        b = self.beta[r, : m - 1].double()
+        return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+
+class _Lanczos:
+    """``b`` simultaneous Lanczos runs with full (twice-repeated Gram-Schmidt) reorthogonalisation;
+    a run stops at breakdown (its Krylov space is invariant: its Ritz values are exact)."""
+
+    def __init__(self, op: CurvatureOperator, start: torch.Tensor, capacity: int) -> None:
+        self.op = op
+        b, n = start.shape
+        self.b, self.n = b, n
+        self.capacity = max(2, min(capacity, n))
+        self.basis = torch.zeros(b, self.capacity, n, dtype=op.dtype, device=op.device)
+        q = start.to(op.dtype)
+        self.basis[:, 0] = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+        self.alpha = torch.zeros(b, self.capacity, dtype=torch.float64)
+        self.beta = torch.zeros(b, self.capacity, dtype=torch.float64)
+        self.j = 0  # steps taken
+        self.active = torch.ones(b, dtype=torch.bool)
+        self.steps = [0] * b
+        self.scale = 0.0
+
+    def _grow(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        cap = min(self.n, max(need, 2 * self.capacity))
+        new = torch.zeros(self.b, cap, self.n, dtype=self.basis.dtype, device=self.basis.device)
+        new[:, : self.capacity] = self.basis
+        self.basis = new
+        for name in ("alpha", "beta"):
+            old = getattr(self, name)
+            grown = torch.zeros(self.b, cap, dtype=old.dtype)
+            grown[:, : self.capacity] = old
+            setattr(self, name, grown)
+        self.capacity = cap
+
+    def step(self) -> None:
+        j = self.j
+        rows = self.active.nonzero().flatten()
+        q = self.basis[rows, j]
+        w = self.op.matmat(q)
+        a = (q * w).sum(1)
+        w = w - a[:, None] * q
+        if j > 0:
+            w = w - self.beta[rows, j - 1].to(w)[:, None] * self.basis[rows, j - 1]
+        past = self.basis[rows, : j + 1]
+        for _ in range(2):  # "twice is enough" (Parlett / DGKS)
+            h = torch.einsum("bmn,bn->bm", past, w)
+            w = w - torch.einsum("bm,bmn->bn", h, past)
+        beta = torch.linalg.vector_norm(w, dim=1)
+        self.alpha[rows, j] = a.double().cpu()
+        self.beta[rows, j] = beta.double().cpu()
+        self.scale = max(self.scale, float(a.abs().max()), float(beta.max()))
+        eps = float(torch.finfo(self.op.dtype).eps)
+        self.j = j + 1
+        for i, r in enumerate(rows.tolist()):
+            self.steps[r] = self.j
+            if float(beta[i]) <= 10 * eps * max(self.scale, 1e-30) * math.sqrt(self.j):
+                self.active[r] = False  # invariant subspace
+        if self.j >= self.n:
+            self.active[:] = False
+        if self.active.any():
+            self._grow(self.j + 1)
+            live = self.active[rows]
+            self.basis[rows[live], self.j] = (w[live] / beta[live, None]).to(self.basis.dtype)
+
+    def result(self, keep_basis: bool) -> LanczosResult:
+        m = self.j
+        return LanczosResult(
+            alpha=self.alpha[:, :m],
+            beta=self.beta[:, :m],
+            steps=list(self.steps),
+            basis=self.basis[:, :m] if keep_basis else None,
+        )
+
+
+def lanczos(
+    op: CurvatureOperator, start: torch.Tensor, steps: int, *, keep_basis: bool = False
+) -> LanczosResult:
+    """Run ``start.shape[0]`` independent Lanczos processes for ``steps`` steps (fewer at
+    breakdown), one batched product per step; ``start`` holds the starting vectors as rows."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if start.dim() != 2 or start.shape[1] != op.size:
+        raise ValueError(f"start must have shape (b, {op.size}), got {tuple(start.shape)}")
+    run = _Lanczos(op, start, steps + 1)
+    while run.j < steps and run.active.any():
+        run.step()
+    return run.result(keep_basis)
+
+
+def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    if which == "largest":
+        return torch.argsort(theta, descending=True)[:k]
+    if which == "smallest":
+        return torch.argsort(theta)[:k]
+    return torch.argsort(theta.abs(), descending=True)[:k]
+
+
+def eigenvalues(
+    op: CurvatureOperator,
+    k: int = 1,
+    *,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    seed: int = 0,
+    return_eigenvectors: bool = False,
+) -> Spectrum:
+    """The ``k`` extreme eigenvalues of a symmetric operator by Lanczos with full
+    reorthogonalisation (the top-eigenvalue analysis of PyHessian, Yao et al. 2020, and of Ghorbani
+    et al. 2019, computed from one Krylov space instead of power iteration with deflation).
+
+    ``which``: ``"largest"`` (algebraically, e.g. the sharpest directions), ``"smallest"`` (most
+    negative first) or ``"magnitude"``. Stops when every wanted Ritz pair has residual
+    ``||A y - theta y|| <= tol * |theta|`` (then ``|theta - lambda| <= tol * |theta|``), at an
+    invariant subspace, or after ``max_iter`` steps (default ``min(size, max(300, 30 k))``) with a
+    warning and ``converged=False``. The start vector is Gaussian from ``seed``.
+    """
+    if not isinstance(op, CurvatureOperator):
+        raise TypeError(f"op must be a CurvatureOperator, got {type(op).__name__}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= op.size:
+        raise ValueError(f"k must be an integer in [1, {op.size}] (the operator size), got {k!r}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    if max_iter is None:
+        max_iter = min(op.size, max(300, 30 * k))
+    if not isinstance(max_iter, int) or max_iter < k:
+        raise ValueError(f"max_iter must be an integer >= k={k}, got {max_iter!r}")
+    start_matvecs = op.matvecs
+    start = random_vectors(
+        1, op.size, seed=seed, distribution="gaussian", dtype=op.dtype, device=op.device
+    )
+    run = _Lanczos(op, start, min(max_iter + 1, 64))
+    converged = False
+    theta = s = torch.zeros(0)
+    idx = torch.zeros(0, dtype=torch.long)
+    residuals = torch.zeros(0)
+    while True:
+        run.step()
+        m = run.j
+        if m >= k:
+            t = torch.diag(run.alpha[0, :m]) + torch.diag(run.beta[0, : m - 1], 1)
+            t = t + torch.diag(run.beta[0, : m - 1], -1)
+            theta, s = torch.linalg.eigh(t)
+            idx = _select(theta, k, which)
+            done = not bool(run.active[0])
+            residuals = (run.beta[0, m - 1] * s[m - 1, idx]).abs() if not done else s[0, idx] * 0
+            floor = 10 * float(torch.finfo(op.dtype).eps) * run.scale
+            limit = torch.clamp(tol * theta[idx].abs(), min=floor)
+            if done or bool((residuals <= limit).all()):
+                converged = True
+                break
+        if m >= max_iter or not bool(run.active[0]):
+            break
+    if not converged:
+        warnings.warn(
+            f"Lanczos did not reach tol={tol} in {run.j} steps (largest relative residual "
+            f"{float((residuals / theta[idx].abs().clamp_min(1e-300)).max()):.2e}); "
+            "raise max_iter or tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    vectors = None
+    if return_eigenvectors:
+        basis = run.basis[0, : run.j]
+        vectors = s[:, idx].T.to(basis) @ basis
+    return Spectrum(
+        eigenvalues=tuple(float(x) for x in theta[idx]),
+        residuals=tuple(float(x) for x in residuals),
+        which=which,
+        converged=converged,
+        iterations=run.j,
+        matvecs=op.matvecs - start_matvecs,
+        eigenvectors=vectors,
+    )

@@ -1,0 +1,117 @@
+"""Machinery shared by the optimizers that estimate a Hessian diagonal (Sophia, AdaHessian)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from anyorder.core.base import AnyOrderOptimizer
+from anyorder.core.closure import call_closure
+from anyorder.curvature.gauss_newton import split_loss_logits
+from anyorder.curvature.hutchinson import CurvatureEstimate
+from anyorder.optim._common import indexed_params
+
+__all__ = ["CurvatureOptimizer", "total_norm"]
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm over a list of tensors, as a 0-dim float64 tensor (no host sync)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double())
+
+
+class CurvatureOptimizer(AnyOrderOptimizer):
+    """Base of the diagonal-curvature optimizers: refresh schedule, estimator calls, telemetry.
+
+    A refresh is due on the first step of every period of ``update_every`` steps (steps 0, k,
+    2k, ... counting from 0); ``global_state["refreshed_period"]`` remembers the last period that
+    got one, so a refresh supplied from outside (``Sophia.update_hessian``) counts too.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        estimator: Any,
+        update_every: int,
+        seed: int,
+        on_nonfinite: str,
+    ) -> None:
+        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        self.estimator = estimator
+        self.update_every = update_every
+        self.global_state.update(
+            {"seed": seed, "updates": 0, "hessian_refreshes": 0, "refreshed_period": -1}
+        )
+        self._telemetry: dict[str, Any] = {}
+
+    # -- schedule --------------------------------------------------------------------------------
+    @property
+    def hessian_due(self) -> bool:
+        """Whether the next step refreshes the Hessian estimate."""
+        period = int(self.global_state["step"]) // self.update_every
+        return int(self.global_state["refreshed_period"]) < period
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if hasattr(self.estimator, "seed"):
+            self.estimator.seed = int(self.global_state["seed"])
+
+    # -- gradients -------------------------------------------------------------------------------
+    def _items(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+        return indexed_params(self.param_groups)
+
+    def _first_order_loss(self, closure: Callable[..., Any]) -> torch.Tensor:
+        """``closure(backward=True)`` with grad enabled; the loss (split from logits if paired)."""
+        with torch.enable_grad():
+            out = call_closure(closure, backward=True)
+        self.global_state["evaluations"] += 1
+        if not isinstance(out, torch.Tensor) and not isinstance(out, (int, float)):
+            out = split_loss_logits(out)[0]
+        if not isinstance(out, torch.Tensor):
+            out = torch.tensor(float(out))
+        return out.detach()
+
+    def _estimate(
+        self,
+        closure: Callable[..., Any],
+        items: list[tuple[int, torch.Tensor, dict[str, Any]]],
+        step: int,
+    ) -> CurvatureEstimate:
+        params = [p for _, p, _ in items]
+        est = self.estimator.estimate(closure, params, step, [i for i, _, _ in items])
+        self.global_state["evaluations"] += 1
+        return est
+
+    def _finite(self, loss: torch.Tensor | None, diagonal: list[torch.Tensor] | None) -> bool:
+        """Apply the non-finite policy to the loss and (if given) the new diagonal's norm."""
+        values = [] if loss is None else [float(loss)]
+        if diagonal is not None:
+            norm = float(total_norm(diagonal)) if diagonal else math.nan
+            values.append(norm)
+        return not values or self.loss_is_finite(*values)
+
+    def _state(self, p: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+        state = self.state[p]
+        for name in names:
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state[name] for name in names]
+
+    @staticmethod
+    def _set_grads(items: list[tuple[int, torch.Tensor, dict[str, Any]]], grads) -> None:
+        for (_, p, _), g in zip(items, grads):
+            p.grad = g
+
+    @property
+    def telemetry(self) -> dict[str, Any]:
+        """Figures of the last step as Python values (see the subclass for the keys)."""
+        out = {}
+        for key, value in self._telemetry.items():
+            out[key] = float(value) if isinstance(value, torch.Tensor) else value
+        return out
