@@ -3,6 +3,7 @@ pytorch-optimizer's implementations of the same methods, side by side in one run
 
 Usage: python benchmarks/curvature_step.py [--models digits-mlp,char-lm,char-lm-eager]
                                            [--rounds 15] [--threads 2] [--no-peers]
+                                           [--clock wall|cpu]
 
 Every method trains its own copy of the same model on the same batches. Methods are timed
 interleaved round-robin (each round runs ``--block`` = 10 consecutive steps of every method, so
@@ -21,6 +22,10 @@ and AdaHessian cannot run there), and ``char-lm-eager``, the same GPT-2 with eag
 where both run. Hyperparameters are equal across implementations: Sophia k=10, Hutchinson with
 one Rademacher probe; AdaHessian k=1; SAM rho=0.05 around SGD(momentum 0.9); Lion and DiffGrad
 with their defaults.
+
+``--clock cpu`` measures the process's CPU time (``time.process_time``) instead of wall time:
+on a machine shared with other jobs, wall times of a few milliseconds swing by 10x with the
+others' load, while CPU time with ``--threads 1`` counts only this process's work.
 """
 
 from __future__ import annotations
@@ -137,7 +142,9 @@ def methods(peers: bool, model_name: str) -> dict[str, Callable]:
     return out
 
 
-def measure(model_name: str, rounds: int, block: int, peers: bool) -> dict[str, float]:
+def measure(
+    model_name: str, rounds: int, block: int, peers: bool, clock: Callable[[], float]
+) -> dict[str, float]:
     task, model_factory, batches = build(model_name)
     runners = {}
     for name, make in methods(peers, model_name).items():
@@ -150,10 +157,10 @@ def measure(model_name: str, rounds: int, block: int, peers: bool) -> dict[str, 
                 step(b)
         for _ in range(rounds):
             for name, step in runners.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 for k in range(block):
                     step(batches[k % len(batches)])
-                times[name].append((time.perf_counter() - t0) / block)
+                times[name].append((clock() - t0) / block)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -164,6 +171,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peers = not args.no_peers
@@ -182,10 +190,11 @@ def main() -> None:
     }
     print(
         f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds of "
-        f"{args.block} steps"
+        f"{args.block} steps, {args.clock} clock"
     )
     for model_name in args.models.split(","):
-        result = measure(model_name, args.rounds, args.block, peers)
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        result = measure(model_name, args.rounds, args.block, peers, clock)
         base = result["adamw"]
         print(f"\n{model_name}: AdamW(foreach) {base * 1e3:.2f} ms/step")
         print(

@@ -1,6 +1,6 @@
 """Pick each baseline's learning rate per task from a grid of powers of ten on the quick suite.
 
-Usage: python benchmarks/tune_lr.py [--steps N]
+Usage: python benchmarks/tune_lr.py [--steps N] [--optimizers a,b] [--tasks t,u] [--grid 1e-4,1e-3]
 
 For every (task, optimizer) it runs lr in {1e-5, ..., 1} (same seed, steps and data order as the
 bench) and prints the lr with the lowest final training objective; diverged runs lose. The chosen
@@ -22,10 +22,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--optimizers", default="sgd,adam,adamw")
     parser.add_argument("--tasks", default=",".join(SUITES["quick"]))
+    parser.add_argument("--grid", default=None, help="comma-separated lrs (default: 1e-5 ... 1)")
     args = parser.parse_args()
     names = args.optimizers.split(",")
+    grid = tuple(float(v) for v in args.grid.split(",")) if args.grid else GRID
     all_optimizers()
-    config = {"optimizers": {f"{n}@{lr:g}": {"base": n, "lr": lr} for n in names for lr in GRID}}
+    config = {"optimizers": {f"{n}@{lr:g}": {"base": n, "lr": lr} for n in names for lr in grid}}
     for per_task in config["optimizers"].values():
         per_task["tasks"] = {t: {"lr": per_task["lr"]} for t in args.tasks.split(",")}
     plan = plan_suite(

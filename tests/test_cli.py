@@ -137,7 +137,7 @@ def test_config_file_sets_hyperparameters_and_variants(tmp_path):
     "args,message",
     [
         (["--tasks", "mnist"], "unknown task 'mnist'; valid tasks: breast-cancer-logreg, char-lm"),
-        (["--optimizers", "adamx"], "unknown optimizer 'adamx'; valid optimizers: adam, adamw"),
+        (["--optimizers", "adamx"], "unknown optimizer 'adamx'; valid optimizers: adahessian, adam, adamw"),
         (["--steps", "0"], "expected a positive integer, got '0'"),
         (["--seed", "-3"], "expected an integer >= 0, got '-3'"),
         (["--time-budget", "0"], "expected a number > 0, got '0'"),

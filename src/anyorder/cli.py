@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     bench.add_argument(
+        "--distributed",
+        type=_positive_int,
+        metavar="N",
+        help="run the zeroth-order optimizers across N local processes (gloo) exchanging only "
+        "seeds and scalars; reports bytes sent per step and queries per second",
+    )
+    bench.add_argument(
         "--monitor",
         action="store_true",
         help="record the top Hessian eigenvalue and trace against 2/lr during each run",
@@ -203,6 +210,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
+
+    if args.distributed is not None:
+        from anyorder.bench.distributed import format_distributed_table, run_distributed
+
+        if args.device != "cpu":
+            raise UsageError("--distributed runs on CPU processes (gloo); drop --device")
+        try:
+            data = run_distributed(plan, args.distributed, out_dir, seed=args.seed, log=log)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        print(format_distributed_table(data))
+        print(f"\nwrote {out_dir / 'results.json'}")
+        return 0
 
     monitor_every = args.monitor_every
     if args.monitor and monitor_every is None:

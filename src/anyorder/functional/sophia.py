@@ -49,7 +49,7 @@ def sophia_(
     torch._foreach_add_(params, ratio, alpha=-lr)
     if not count_clipped:
         return None
-    # |clip(x)| is 1 exactly where clipped and < 1 elsewhere, so floor(|clip(x)|) counts them.
-    torch._foreach_abs_(ratio)
-    torch._foreach_floor_(ratio)
+    # clip(x) is +-1 exactly where clipped and in (-1, 1) elsewhere: trunc() leaves +-1 there and
+    # 0 elsewhere, so its 1-norm counts the clipped coordinates.
+    torch._foreach_trunc_(ratio)
     return torch.stack(torch._foreach_norm(ratio, 1)).sum()

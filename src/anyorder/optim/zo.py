@@ -14,7 +14,7 @@ returns the mean of the losses it evaluated, as a float.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +186,39 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
                 )
             )
         return sample.mean_loss
+
+
+    @torch.no_grad()
+    def apply_queries(self, step: int, queries: Sequence[int], projected: Sequence[float]) -> None:
+        """Update the (unperturbed) weights with the estimate ``(1/n) Σ_k g_k z_k``, where ``z_k``
+        is the direction keyed by ``(seed, step, queries[k])`` and ``g_k = projected[k]``.
+
+        This is the replay half of a step: given the measured projected gradients it regenerates
+        their directions and applies the rule, with no evaluation. Distributed zeroth-order
+        training ("Just One Byte", :class:`anyorder.distributed.ZOTrainer`) calls it on every
+        process with everyone's (query, g) pairs in the same order, and a single process replaying
+        the same sequence reproduces the weights bit for bit. Advances the step counter to
+        ``step + 1``.
+        """
+        if len(queries) != len(projected) or not queries:
+            raise ValueError(
+                f"need one projected gradient per query, got {len(queries)} queries and "
+                f"{len(projected)} values"
+            )
+        n = len(projected)
+        self.global_state["updates"] += 1
+        for i, p, group in self._indexed():
+            flat = flat_view(p)
+            buffers = {name: flat_view(buf) for name, buf in self._buffers(p, group).items()}
+            streams = [self.estimator.chunks(i, p, step, int(q)) for q in queries]
+            for chunks in zip(*streams):
+                start, end, estimate = chunks[0]
+                estimate.mul_(projected[0] / n)
+                for (_, _, z), g in zip(chunks[1:], projected[1:]):
+                    estimate.add_(z, alpha=g / n)
+                views = {name: buf[start:end] for name, buf in buffers.items()}
+                self._apply_rule(group, flat[start:end], estimate, views)
+        self.global_state["step"] = step + 1
 
 
 class ZOSGD(_ZeroOrderOptimizer):

@@ -1,0 +1,27 @@
+"""Distributed zeroth-order training that exchanges seeds and scalars, not gradients ("Just One
+Byte (per gradient)"): :class:`ZOTrainer` on ``torch.distributed`` (gloo on CPU, NCCL on GPU),
+the seed log and atomic checkpoints that make runs resumable, and :func:`launch` for N local
+processes."""
+
+from anyorder.distributed.launch import DistributedRun, ddp_bytes_per_step, launch
+from anyorder.distributed.payload import ScalarCodec
+from anyorder.distributed.seedlog import SeedLog, atomic_save
+from anyorder.distributed.trainer import (
+    ReplicaDivergenceError,
+    WorkerLostError,
+    ZOTrainer,
+    replay,
+)
+
+__all__ = [
+    "ZOTrainer",
+    "WorkerLostError",
+    "ReplicaDivergenceError",
+    "replay",
+    "ScalarCodec",
+    "SeedLog",
+    "atomic_save",
+    "DistributedRun",
+    "launch",
+    "ddp_bytes_per_step",
+]
