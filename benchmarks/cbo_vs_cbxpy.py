@@ -56,11 +56,12 @@ def np_ackley(x: np.ndarray) -> np.ndarray:
     )
 
 
+RECORD_EVERY = 10
 NUMPY_FUNCTIONS = {"rastrigin": np_rastrigin, "ackley": np_ackley}
 
 
 def run_anyorder(name: str, x0: np.ndarray, iters: int, seed: int) -> np.ndarray:
-    result = minimize(TORCH_FUNCTIONS[name], torch.as_tensor(x0), max_iters=iters, tol=0.0,
+    result = minimize(TORCH_FUNCTIONS[name], torch.as_tensor(x0), max_iters=iters, tol=0.0, record_every=RECORD_EVERY,
                       seed=seed)  # fmt: skip
     return result.x.numpy()
 
@@ -114,7 +115,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="cbo_vs_cbxpy.json")
+    parser.add_argument(
+        "--record-every", type=int, default=10, help="anyorder's record_every (its default: 10)"
+    )
     args = parser.parse_args()
+    global RECORD_EVERY
+    RECORD_EVERY = args.record_every
     torch.set_num_threads(1)
     rows = []
     methods = args.methods.split(",")

@@ -5,13 +5,15 @@ Usage: python benchmarks/curvature_step.py [--models digits-mlp,char-lm,char-lm-
                                            [--rounds 15] [--threads 2] [--no-peers]
                                            [--clock wall|cpu]
 
-Every method trains its own copy of the same model on the same batches. Methods are timed
+Every method trains its own copy of the same model on the same batches, driven by the same
+hand-written closure (``closure(backward=True)``: zero the gradients, loss, backward), so that
+the figures compare optimizers, not closure helpers (``adamw-helper`` times AdamW through
+:func:`anyorder.core.make_closure`, as ``anyorder bench`` drives it). Methods are timed
 interleaved round-robin (each round runs ``--block`` = 10 consecutive steps of every method, so
 Sophia's one Hessian refresh per 10 steps is included in every block) and the figure is the
 median over rounds of the mean step time in the block, reported as a ratio to
-``torch.optim.AdamW(foreach=True)`` timed the same way. Our optimizers are driven through
-``opt.step(closure)`` with :func:`anyorder.core.make_closure` (as ``anyorder bench`` drives
-them, AdamW too); pytorch-optimizer's through their documented loops
+``torch.optim.AdamW(foreach=True)`` timed the same way. Our optimizers (and AdamW) are
+driven through ``opt.step(closure)``; pytorch-optimizer's through their documented loops
 (``loss.backward(create_graph=True); opt.step()`` for SophiaH and AdaHessian, ``closure();
 opt.step(closure)`` for SAM, ``loss.backward(); opt.step()`` for Lion and DiffGrad).
 
@@ -63,12 +65,28 @@ def build(name: str):
     return task, model_factory, batches
 
 
-def ours(cls, **kw) -> Callable:
+def contract_closure(task, model, batch):
+    """A hand-written contract closure: what a user writes, and what the peers' loops do."""
+
+    def closure(backward: bool = True):
+        loss = task.loss(model, batch)
+        if backward:
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+        return loss
+
+    return closure
+
+
+def ours(cls, helper: bool = False, **kw) -> Callable:
     def make(task, model):
         opt = cls(model.parameters(), **kw)
 
         def step(batch):
-            opt.step(make_closure(model, lambda out, b: out, batch, forward=task.loss))
+            if helper:
+                opt.step(make_closure(model, lambda out, b: out, batch, forward=task.loss))
+            else:
+                opt.step(contract_closure(task, model, batch))
 
         return step
 
@@ -119,6 +137,7 @@ def methods(peers: bool, model_name: str) -> dict[str, Callable]:
     lr = 1e-4
     out = {
         "adamw": ours(torch.optim.AdamW, lr=lr, foreach=True),
+        "adamw-helper": ours(torch.optim.AdamW, helper=True, lr=lr, foreach=True),
         "sophia": ours(Sophia, lr=lr, update_every=10, weight_decay=0.0),
         "adahessian": ours(AdaHessian, lr=lr),
         "sam": ours(SAM, base_optimizer=torch.optim.SGD, lr=lr, momentum=0.9, rho=0.05),
@@ -196,7 +215,10 @@ def main() -> None:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         result = measure(model_name, args.rounds, args.block, peers, clock)
         base = result["adamw"]
-        print(f"\n{model_name}: AdamW(foreach) {base * 1e3:.2f} ms/step")
+        print(
+            f"\n{model_name}: AdamW(foreach) {base * 1e3:.2f} ms/step "
+            f"({result['adamw-helper'] / base:.2f}x through make_closure)"
+        )
         print(
             f"{'method':12s} {'ms/step':>9s} {'x AdamW':>8s} {'peer x AdamW':>13s} "
             f"{'ours / peer':>12s}"

@@ -26,12 +26,14 @@ RUN_KEYS = {
     "diverged",
     "history",
 }
+SMALL_SUITE_OPTIMIZERS = ("sgd", "adam", "adamw", "zo-sgd", "zo-adam", "cbo")
 TOP_KEYS = {"anyorder_version", "created", "machine", "suite", "seed", "runs"}
 
 
 @pytest.fixture(scope="module")
 def small_suite() -> SuiteResult:
-    plan = plan_suite(tasks=list(SUITES["quick"]), steps=4)
+    # One optimizer per kind of evaluation (the other families have their own tests).
+    plan = plan_suite(tasks=list(SUITES["quick"]), optimizers=list(SMALL_SUITE_OPTIMIZERS), steps=4)
     return run_suite(plan, seed=0, progress=False)
 
 
@@ -41,14 +43,13 @@ def test_every_task_runs_every_baseline_with_the_schema(small_suite):
     pairs = {(r["task"], r["optimizer"]) for r in d["runs"]}
     expected = {"sgd": (1, 1), "adam": (1, 1), "adamw": (1, 1), "zo-sgd": (2, 0), "zo-adam": (2, 0)}
     assert {(t, o) for t in SUITES["quick"] for o in expected} <= pairs
+    assert {o for _, o in pairs} == set(SMALL_SUITE_OPTIMIZERS)
     # CBO only where a population is affordable; it counts every particle and the consensus
     expected["cbo"] = (None, 0)
     assert {t for t, o in pairs if o == "cbo"} == {
         "digits-mlp", "breast-cancer-logreg", "rosenbrock", "rastrigin"
     }  # fmt: skip
     for run in d["runs"]:
-        if run["optimizer"] not in expected:  # other families are checked in their own tests
-            continue
         assert RUN_KEYS <= set(run)
         assert run["steps"] == 4 and not run["diverged"]
         assert len(run["history"]) == 4
@@ -138,7 +139,8 @@ def test_time_budget_ends_runs_at_equal_wall_clock():
     for r in run_suite(plan, progress=False).runs:
         assert r.steps < 10_000 and r.time_budget_s == 0.3
         # It stops at the first step that reaches the budget.
-        assert r.total_time_s >= 0.3 and r.history[-2].wall_time_s < 0.3
+        assert r.total_time_s >= 0.3
+        assert len(r.history) == 1 or r.history[-2].wall_time_s < 0.3  # (1: a loaded machine)
     with pytest.raises(ValueError, match="time budget must be a number of seconds > 0, got 0"):
         plan_suite(time_budget_s=0)
 

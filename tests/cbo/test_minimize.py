@@ -36,7 +36,7 @@ def test_trajectory_equals_the_reference_dynamics() -> None:
     x0 = torch.as_tensor(np.random.default_rng(0).uniform(-3, 3, (40, 5)))
     result = minimize(
         rastrigin, x0, lam=1.0, sigma=0.8, dt=0.1, alpha=2.0, alpha_factor=1.1, max_iters=25,
-        noise="anisotropic", tol=0.0, seed=11, batch_size=None,
+        noise="anisotropic", tol=0.0, seed=11, batch_size=None, record_every=1,
     )  # fmt: skip
     expected = _reference_run(x0, rastrigin, 25, 2.0, 1.1, 11)
     assert result.nit == 25
@@ -117,6 +117,27 @@ def test_stops_on_spread_and_on_maxfev() -> None:
     assert budget.nfev <= 205 and budget.nit == 10 and "maxfev" in budget.message
 
 
+def test_stops_when_the_consensus_energy_stalls() -> None:
+    result = minimize(sphere, bounds=[(-1.0, 1.0)] * 2, n_particles=20, batch_size=None,
+                      tol=0.0, ftol=1e-9, patience=20, max_iters=5000, record_every=1)  # fmt: skip
+    assert result.nit < 5000 and "consensus energy" in result.message
+    energy = result.history["energy"]
+    assert abs(energy[-1] - energy[-21]) <= 1e-9 * (1 + abs(energy[-1]))
+    with pytest.raises(ValueError, match="patience must be a positive integer"):
+        minimize(sphere, bounds=[(-1.0, 1.0)], patience=0)
+
+
+def test_recording_less_often_does_not_change_the_run() -> None:
+    kwargs = dict(bounds=[(-3.0, 3.0)] * 4, n_particles=40, max_iters=57, seed=2, tol=0.0)
+    every = minimize(rastrigin, record_every=1, **kwargs)
+    sparse = minimize(rastrigin, record_every=10, **kwargs)
+    assert torch.equal(every.x, sparse.x) and every.fun == sparse.fun
+    assert sparse.history["iteration"] == [0, 10, 20, 30, 40, 50, 56]
+    rows = every.history["consensus"][[0, 10, 20, 30, 40, 50, 56]]
+    torch.testing.assert_close(sparse.history["consensus"], rows, rtol=0, atol=0)
+    assert sparse.nfev == every.nfev == 57 * 40 + 1
+
+
 def test_callback_can_stop_the_run() -> None:
     calls = []
 
@@ -124,7 +145,8 @@ def test_callback_can_stop_the_run() -> None:
         calls.append(centre)
         return len(calls) == 3
 
-    result = minimize(sphere, bounds=[(-1.0, 1.0)] * 2, callback=callback, max_iters=100)
+    result = minimize(sphere, bounds=[(-1.0, 1.0)] * 2, callback=callback, max_iters=100,
+                      record_every=1)  # fmt: skip
     assert result.nit == 3 and "callback" in result.message
 
 

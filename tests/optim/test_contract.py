@@ -226,7 +226,18 @@ def _live_tensors() -> int:
 
 
 @pytest.mark.parametrize(
-    "name", ["sophia", "sophia-fd", "adahessian", "sam", "lion", "diffgrad", "mfac"]
+    "name",
+    [
+        "sophia",
+        "adahessian",
+        "sam",
+        # kept out of CI for time: the finite-difference path builds no second-order graph, and
+        # first-order rules never build a second graph
+        pytest.param("sophia-fd", marks=pytest.mark.slow),
+        pytest.param("lion", marks=pytest.mark.slow),
+        pytest.param("diffgrad", marks=pytest.mark.slow),
+        pytest.param("mfac", marks=pytest.mark.slow),
+    ],
 )
 def test_memory_does_not_grow_over_200_steps(name):
     model = _model()

@@ -88,16 +88,17 @@ def _dense_hessian(ps, t):
 
 
 def _hutchinson(ps, t, seed, step):
+    # The probe: one flat Rademacher direction keyed by (seed, step, 0) over the parameters in
+    # order (conv, conv_b, lin, lin_b), split into their shapes.
     keys = list(ps)
-    z = {
-        k: direction(SHAPES[k], seed, step, 0, i, distribution="rademacher", dtype=torch.float64)
-        for i, k in enumerate(keys)
-    }
-    hz = _dense_hessian(ps, t) @ torch.cat([z[k].reshape(-1) for k in keys])
+    sizes = [ps[k].numel() for k in keys]
+    zflat = direction(
+        (sum(sizes),), seed, step, 0, 0, distribution="rademacher", dtype=torch.float64
+    )
+    hz = _dense_hessian(ps, t) @ zflat
     out, start = {}, 0
-    for k in keys:
-        n = z[k].numel()
-        out[k] = z[k] * hz[start : start + n].view(SHAPES[k])
+    for k, n in zip(keys, sizes):
+        out[k] = (zflat[start : start + n] * hz[start : start + n]).view(SHAPES[k])
         start += n
     return out
 

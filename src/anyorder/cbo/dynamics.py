@@ -152,8 +152,8 @@ def random_batch_step(
         raise ValueError(f"batch_size={batch_size} must divide the number of particles {n}")
     perm = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
     groups = n // batch_size
-    x = x[perm].view(groups, batch_size, d)
-    group_energies = energies[perm].view(groups, batch_size)
+    x = x.index_select(0, perm).view(groups, batch_size, d)
+    group_energies = energies.index_select(0, perm).view(groups, batch_size)
     if math.isinf(alpha):
         best = torch.argmin(group_energies, dim=-1, keepdim=True)
         weights = torch.zeros_like(group_energies).scatter_(-1, best, 1.0)

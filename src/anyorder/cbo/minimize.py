@@ -35,7 +35,8 @@ class CBOResult:
 
     ``x`` is the final consensus point and ``fun`` its value (one extra evaluation, counted in
     ``nfev``); ``best_x``/``best_fun`` the lowest-energy particle seen during the run. ``history``
-    holds one entry per iteration: ``consensus`` (an ``(nit, d)`` array or tensor), ``energy`` (the
+    holds one entry per recorded iteration (every ``record_every``-th and the last; ``iteration``
+    gives their indices): ``consensus`` (an ``(k, d)`` array or tensor), ``energy`` (the
     weighted energy Σ wᵢ f(xᵢ) of the swarm, the consensus energy), ``best`` (the lowest particle
     energy), ``variance`` ((1/n) Σ ‖xᵢ − x̄‖²) and ``alpha``.
     """
@@ -149,6 +150,9 @@ def minimize(
     alpha_factor: float = 1.005,
     alpha_max: float = 1e6,
     tol: float = 1e-12,
+    ftol: float | None = None,
+    patience: int = 50,
+    record_every: int = 10,
     init_std: float = 1.0,
     vectorize: bool = True,
     seed: int = 0,
@@ -173,10 +177,18 @@ def minimize(
     batches of interacting particles, each with its own consensus) and anneals
     ``alpha ← min(alpha · alpha_factor, alpha_max)``. It stops after ``max_iters`` iterations,
     when the next iteration's evaluations would exceed ``maxfev``, when the spread
-    ``(1/n) Σ ‖xᵢ − x̄‖²`` falls below ``tol``, or when ``callback(x̄)`` returns true; as in
+    ``(1/n) Σ ‖xᵢ − x̄‖²`` falls below ``tol``, when the consensus energy Σ wᵢ f(xᵢ) has changed by
+    at most ``ftol * (1 + |energy|)`` over the last ``patience`` iterations (``ftol=None``: off),
+    or when ``callback(x̄)`` returns true; as in
     :func:`anyorder.zo.minimize`, ``success`` is false only when the run failed (every particle's
     value non-finite, or a non-finite value at the consensus). All random draws come from one
     generator seeded by ``seed``.
+
+    ``record_every``: the history, the best particle and the stopping rules (``tol``, ``ftol``,
+    ``callback``, counted in recorded iterations) are computed every that many iterations and at
+    the last one (default: every 10th). On small problems this bookkeeping costs about a third of
+    an iteration (measured on Rastrigin, d = 10, 200 particles), and with random batches the
+    global consensus is otherwise not needed; ``record_every=1`` records every iteration.
 
     The defaults (200 particles in random batches of 5, anisotropic noise, ``dt=0.1``,
     ``sigma=0.8``, ``alpha`` 10 growing 0.5% per step) come from a grid on Rastrigin and Ackley in 10
@@ -203,6 +215,12 @@ def minimize(
     alpha_factor = _positive("alpha_factor", alpha_factor)
     alpha_max = _positive("alpha_max", alpha_max, allow_inf=True)
     tol = _positive("tol", tol, allow_zero=True)
+    if ftol is not None:
+        ftol = _positive("ftol", ftol, allow_zero=True)
+    if not isinstance(record_every, int) or isinstance(record_every, bool) or record_every < 1:
+        raise ValueError(f"record_every must be a positive integer, got {record_every!r}")
+    if not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be a positive integer, got {patience!r}")
     init_std = _positive("init_std", init_std, allow_zero=True)
 
     device = torch.device(device)
@@ -242,6 +260,7 @@ def minimize(
     drift_coef = lam * dt
     noise_coef = sigma * math.sqrt(dt)
     history: dict[str, list[Any]] = {
+        "iteration": [],
         "consensus": [],
         "energy": [],
         "best": [],
@@ -257,22 +276,27 @@ def minimize(
     message = f"reached max_iters={max_iters}"
     bar = tqdm(total=max_iters, disable=not progress, unit="it", dynamic_ncols=True)
     with torch.no_grad(), bar:
-        for _ in range(max_iters):
+        for it in range(max_iters):
             if maxfev is not None and nfev + n + 1 > maxfev:
                 message = f"reached maxfev={maxfev}"
                 break
+            last = it == max_iters - 1 or (maxfev is not None and nfev + 2 * n + 1 > maxfev)
+            record = last or it % record_every == 0
             energies = sanitize_energies(evaluate(x))
             nfev += n
-            low, low_index = torch.min(energies, dim=0)
-            low = float(low)
-            if not math.isfinite(low):
-                success, message = False, "every particle's value is non-finite; stopped"
-                break
-            if low < best_fun:
-                best_fun, best_x = low, x[low_index].clone()
-            centre, weights = consensus(x, energies, alpha)
-            spread = torch.linalg.vector_norm(x - centre)
-            energy = weights @ energies.nan_to_num(posinf=0.0)  # weight 0 for +inf: not 0 * inf
+            if record:
+                low, low_index = torch.min(energies, dim=0)
+                low = float(low)
+                if not math.isfinite(low):
+                    success, message = False, "every particle's value is non-finite; stopped"
+                    break
+                if low < best_fun:
+                    best_fun, best_x = low, x[low_index].clone()
+            if record or batch_size is None:
+                centre, weights = consensus(x, energies, alpha)
+            if record:
+                spread = torch.linalg.vector_norm(x - centre)
+                energy = weights @ energies.nan_to_num(posinf=0.0)  # weight 0 for +inf
             if batch_size is None:
                 cbo_update_(x, centre, drift_coef, noise_coef, noise, generator)
             elif n % batch_size == 0:
@@ -283,16 +307,28 @@ def minimize(
                 target = batch_consensus(x, energies, alpha, batch_size, generator)
                 cbo_update_(x, target, drift_coef, noise_coef, noise, generator)
             nit += 1
-            history["consensus"].append(centre)
-            history["energy"].append(energy)
-            history["best"].append(low)
-            history["variance"].append(spread.item() ** 2 / n)
-            history["alpha"].append(alpha)
-            alpha = min(alpha * alpha_factor, alpha_max)
             bar.update(1)
+            if record:
+                history["iteration"].append(it)
+                history["consensus"].append(centre)
+                history["energy"].append(energy)
+                history["best"].append(low)
+                history["variance"].append(spread.item() ** 2 / n)
+                history["alpha"].append(alpha)
+            alpha = min(alpha * alpha_factor, alpha_max)
+            if not record:
+                continue
             if history["variance"][-1] < tol:
                 message = f"the particles' spread fell below tol={tol:g}"
                 break
+            if ftol is not None and len(history["energy"]) > patience:
+                now, before = float(energy), float(history["energy"][-1 - patience])
+                if abs(now - before) <= ftol * (1.0 + abs(now)):
+                    message = (
+                        f"the consensus energy changed by less than ftol={ftol:g} (relative) "
+                        f"over {patience} recorded iterations"
+                    )
+                    break
             if callback is not None and callback(centre.clone()):
                 message = "stopped by the callback"
                 break
@@ -300,8 +336,9 @@ def minimize(
     nfev += 1
     if not math.isfinite(fun):
         success, message = False, message + "; non-finite value at the consensus"
-    trajectory = torch.stack(history.pop("consensus")) if nit else centre.new_empty((0, x.shape[1]))
-    history["energy"] = torch.stack(history["energy"]).tolist() if nit else []
+    recorded = history.pop("consensus")
+    trajectory = torch.stack(recorded) if recorded else centre.new_empty((0, x.shape[1]))
+    history["energy"] = torch.stack(history["energy"]).tolist() if recorded else []
     history = {"consensus": to_user(trajectory), **history}
     return CBOResult(
         x=to_user(centre),

@@ -6,8 +6,9 @@ E[z z^T] = I the estimate is unbiased; Rademacher probes (the default) give the 
 var[z_i (H z)_i] = sum_{j != i} H_ij^2 (Sophia's paper draws Gaussian probes: ``distribution=
 "gaussian"``; AdaHessian's draws Rademacher).
 
-Probes come from the library's one direction sampler, :func:`anyorder.core.rng.direction`, keyed
-by ``(seed, step, sample, tensor index)``: the same key replays the same probe, so an optimizer
+Probes come from the library's one direction sampler, :func:`anyorder.core.rng.direction`: probe q
+of a step is one flat direction keyed by ``(seed, step, q)`` over the parameters concatenated in
+order. The same key replays the same probe, so an optimizer
 resumed from its state dict (which holds the seed and the step) draws exactly the probes it would
 have drawn, and a test can rebuild them with :meth:`HutchinsonDiagonal.probes`.
 """
@@ -42,7 +43,7 @@ class HutchinsonDiagonal:
 
     Args:
         n_samples: probes per estimate (the variance falls as 1 / n_samples).
-        seed: probe stream seed; probes are keyed by (seed, step, sample, tensor index).
+        seed: probe stream seed; probes are keyed by (seed, step, sample).
         distribution: ``"rademacher"`` (default) or ``"gaussian"``.
         hvp: ``"auto"`` (double backward, else finite differences with one warning),
             ``"autograd"`` or ``"finite_difference"``; see :mod:`anyorder.curvature.hvp`.
@@ -78,25 +79,37 @@ class HutchinsonDiagonal:
     def probes(
         self, params: Sequence[torch.Tensor], step: int, indices: Sequence[int] | None = None
     ) -> list[list[torch.Tensor]]:
-        """The probe vectors of ``step``: ``n_samples`` lists, one tensor per parameter."""
-        indices = list(range(len(params))) if indices is None else list(indices)
-        return [
-            [
-                direction(
-                    p.shape,
-                    self.seed,
-                    step,
-                    q,
-                    i,
-                    distribution=self.distribution,
-                    dtype=p.dtype,
-                    device=p.device,
-                    draw_on_device=p.device.type != "cpu",
-                )
-                for p, i in zip(params, indices)
-            ]
-            for q in range(self.n_samples)
-        ]
+        """The probe vectors of ``step``: ``n_samples`` lists, one tensor per parameter.
+
+        Sample q is one flat direction keyed by (seed, step, q) over the parameters
+        concatenated in order (one draw per 65,536 elements instead of one keyed draw per
+        tensor: the per-tensor overhead dominated small models), split into the parameters'
+        shapes. ``indices`` is accepted for interface compatibility and ignored.
+        """
+        if not params:
+            return [[] for _ in range(self.n_samples)]
+        first = params[0]
+        sizes = [p.numel() for p in params]
+        out = []
+        for q in range(self.n_samples):
+            flat = direction(
+                (sum(sizes),),
+                self.seed,
+                step,
+                q,
+                0,
+                distribution=self.distribution,
+                dtype=first.dtype,
+                device=first.device,
+                draw_on_device=first.device.type != "cpu",
+            )
+            out.append(
+                [
+                    piece.view(p.shape).to(device=p.device, dtype=p.dtype)
+                    for piece, p in zip(flat.split(sizes), params)
+                ]
+            )
+        return out
 
     def estimate(
         self,

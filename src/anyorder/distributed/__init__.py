@@ -7,6 +7,7 @@ from anyorder.distributed.launch import DistributedRun, ddp_bytes_per_step, laun
 from anyorder.distributed.payload import ScalarCodec
 from anyorder.distributed.seedlog import SeedLog, atomic_save
 from anyorder.distributed.trainer import (
+    DEFAULT_TIMEOUT,
     ReplicaDivergenceError,
     WorkerLostError,
     ZOTrainer,
@@ -14,6 +15,7 @@ from anyorder.distributed.trainer import (
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "ZOTrainer",
     "WorkerLostError",
     "ReplicaDivergenceError",
