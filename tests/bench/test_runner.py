@@ -221,3 +221,20 @@ def test_monitor_leaves_the_trajectory_and_counts_alone():
     assert monitored.forward_evals == plain.forward_evals and plain.monitor is None
     assert [r["step"] for r in monitored.monitor["records"]] == [0, 3]
     assert monitored.monitor["seconds"] > 0 and monitored.monitor["train_seconds"] > 0
+
+
+def test_an_optimizer_that_raises_is_recorded_and_the_suite_goes_on():
+    from anyorder.bench.registry import OPTIMIZERS, register_optimizer
+
+    class Broken(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("broken step\nsecond line")
+
+    register_optimizer("broken-test-only", Broken, defaults={"lr": 0.1})
+    try:
+        plan = plan_suite(tasks=["rosenbrock"], optimizers=["broken-test-only", "sgd"], steps=5)
+        broken, sgd = run_suite(plan, progress=False).runs
+    finally:
+        del OPTIMIZERS["broken-test-only"]
+    assert broken.diverged and broken.steps == 0 and broken.error == "RuntimeError: broken step"
+    assert not sgd.diverged and sgd.steps == 5

@@ -116,7 +116,9 @@ register_optimizer(
 # objective after the quick suite's steps (benchmarks/curvature_lr_grid.py: the tune_lr.py
 # protocol without the runner's measurements); on char-lm the better of two values around the
 # expected scale after 100 steps (benchmarks/tune_lr.py --tasks char-lm --steps 100 --grid A,B;
-# the full grid did not fit the time on a shared 2-core machine). See BENCHMARKS.md.
+# the full grid did not fit the time on a shared 2-core machine); on rosenbrock and rastrigin the
+# winners of the full grid (benchmarks/tune_lr.py --optimizers sophia,adahessian,sam,lion,diffgrad,
+# mfac --tasks rosenbrock,rastrigin). See BENCHMARKS.md.
 # Sophia uses the Hutchinson estimator (the bench's closures return the loss only, so Sophia-G,
 # which needs logits, is not registered); on char-lm its Hessian-vector products fall back to
 # finite differences (the default attention has no double backward on the CPU) with a warning.
@@ -131,6 +133,8 @@ register_optimizer(
         "digits-mlp": {"lr": 1e-2},
         "breast-cancer-logreg": {"lr": 1e-2},
         "char-lm": {"lr": 1e-3},
+        "rosenbrock": {"lr": 0.1},
+        "rastrigin": {"lr": 0.1},
     },
     description="Sophia-H (Liu et al., 2023): clipped gradient EMA over Hutchinson Hessian EMA",
 )
@@ -143,6 +147,8 @@ register_optimizer(
         "digits-mlp": {"lr": 0.1},
         "breast-cancer-logreg": {"lr": 0.1},
         "char-lm": {"lr": 0.1},
+        "rosenbrock": {"lr": 1.0},
+        "rastrigin": {"lr": 1.0},
     },
     description="AdaHessian (Yao et al., 2021): Adam with a Hutchinson Hessian diagonal",
 )
@@ -155,6 +161,8 @@ register_optimizer(
         "digits-mlp": {"lr": 0.1},
         "breast-cancer-logreg": {"lr": 0.1},
         "char-lm": {"lr": 0.1},
+        "rosenbrock": {"lr": 1e-3},
+        "rastrigin": {"lr": 1e-5},
     },
     description="SAM (Foret et al., 2021) around SGD with momentum 0.9",
 )
@@ -167,6 +175,8 @@ register_optimizer(
         "digits-mlp": {"lr": 1e-2},
         "breast-cancer-logreg": {"lr": 1e-2},
         "char-lm": {"lr": 1e-3},
+        "rosenbrock": {"lr": 1e-2},
+        "rastrigin": {"lr": 1e-2},
     },
     description="Lion (Chen et al., 2023): sign of interpolated momentum",
 )
@@ -179,6 +189,8 @@ register_optimizer(
         "digits-mlp": {"lr": 0.1},
         "breast-cancer-logreg": {"lr": 0.1},
         "char-lm": {"lr": 1e-2},
+        "rosenbrock": {"lr": 1.0},
+        "rastrigin": {"lr": 0.1},
     },
     description="diffGrad (Dubey et al., 2019): Adam with a gradient-change friction term",
 )
@@ -191,6 +203,8 @@ register_optimizer(
         "digits-mlp": {"lr": 1e-2},
         "breast-cancer-logreg": {"lr": 1e-2},
         "char-lm": {"lr": 1e-3},
+        "rosenbrock": {"lr": 1e-5},
+        "rastrigin": {"lr": 0.1},
     },
     description="M-FAC (Frantar et al., 2021): inverse empirical Fisher of the last m gradients",
 )

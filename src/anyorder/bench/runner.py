@@ -244,7 +244,10 @@ def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
 
     def work() -> None:
         for batch in batch_list:
-            opt.step(_task_closure(task, model, batch, task.loss))
+            try:
+                opt.step(_task_closure(task, model, batch, task.loss))
+            except Exception:  # the timed run records the failure; the probe keeps its peak
+                return
 
     return peak_memory_bytes(work, task.device)
 
@@ -319,8 +322,12 @@ def run_one(
         t0 = time.perf_counter()
         try:
             loss = opt.step(closure)
-        except FloatingPointError as err:  # an optimizer's own non-finite guard
-            diverged, error = True, f"{type(err).__name__}: {err}"
+        except Exception as err:  # an optimizer's non-finite guard, or any failure of its step:
+            # recorded in the run's result, and the suite goes on (nothing else is lost)
+            diverged, error = (
+                True,
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            )
             break
         synchronize(task.device)
         dt = time.perf_counter() - t0
@@ -430,7 +437,8 @@ def run_suite(
             )
             bar.update(run.steps - result.steps)
             if result.diverged and log is not None:
-                log(f"{run.task.name} / {run.spec.name}: diverged after {result.steps} steps")
+                why = f" ({result.error})" if result.error else ""
+                log(f"{run.task.name} / {run.spec.name}: diverged after {result.steps} steps{why}")
             runs.append(result)
     return SuiteResult(
         anyorder_version=anyorder.__version__,

@@ -18,6 +18,7 @@ through the state dict.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -139,7 +140,33 @@ class MFAC(AnyOrderOptimizer):
             gram[:, slot] = gx
             gs["slot"] = (slot + 1) % self.m
         system = gram + self.m * self.damping * torch.eye(self.m, dtype=gram.dtype, device=x.device)
-        chol = torch.linalg.cholesky(system)  # O(m^3)
+        chol = _robust_cholesky(system)  # O(m^3)
         coef = torch.cholesky_solve(gx[:, None], chol)[:, 0].to(x.dtype)
         out = x - window.T @ coef  # O(dm)
         return out.div_(self.damping)
+
+
+def _robust_cholesky(system: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of the damped Gram system. The Gram entries are float32 inner products:
+    with large gradients (e.g. ~1e4 on Rosenbrock) their rounding can exceed the damping and make
+    the system numerically indefinite. Then add the smallest diagonal jitter (relative to the mean
+    diagonal, growing 100-fold per try) that makes it positive definite, with a warning."""
+    chol, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return chol
+    scale = float(system.diagonal().abs().mean()) or 1.0
+    eye = torch.eye(system.shape[0], dtype=system.dtype, device=system.device)
+    for exponent in (-10, -8, -6, -4, -2):
+        chol, info = torch.linalg.cholesky_ex(system + (10.0**exponent) * scale * eye)
+        if int(info) == 0:
+            warnings.warn(
+                f"M-FAC: the damped Gram system was numerically indefinite (float32 rounding of "
+                f"large gradients); added jitter {10.0**exponent:g} x its mean diagonal",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return chol
+    raise FloatingPointError(
+        "M-FAC: the damped Gram system is not positive definite even with jitter; the gradients "
+        "are probably non-finite or the damping is far too small"
+    )
