@@ -117,3 +117,42 @@ def test_models_without_dropout_skip_the_rng_replay_and_custom_randomness_can_as
         assert float(replay(backward=False)) == float(replay(backward=False))
     dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
     assert has_active_dropout(dropout) and not has_active_dropout(dropout.eval())
+
+
+def test_accepts_backward_answers_by_signature_also_from_its_cache():
+    import functools
+
+    from anyorder.core.closure import accepts_backward
+
+    def make(with_arg):
+        if with_arg:
+
+            def closure(backward=True):
+                return backward
+
+        else:
+
+            def closure():
+                return None
+
+        return closure
+
+    for _ in range(3):  # same code objects, cached answers stay right
+        assert accepts_backward(make(True)) and not accepts_backward(make(False))
+
+    def target(backward=True):
+        return backward
+
+    def plain():
+        return None
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args):
+            return fn(*args)
+
+        return wrapper
+
+    # one wrapper code, two targets: the answer follows the target, never a cached guess
+    assert accepts_backward(decorate(target)) and not accepts_backward(decorate(plain))
+    assert accepts_backward(lambda **kw: None) and not accepts_backward(lambda: None)
