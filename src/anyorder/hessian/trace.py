@@ -30,7 +30,7 @@ def hutchinson_samples(
     *,
     generator: torch.Generator,
     distribution: str = "rademacher",
-    block: int = 32,
+    block: int = 4,
     project: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` Hutchinson samples ``z^T A z`` (float64); with ``project`` (orthonormal columns
@@ -51,7 +51,7 @@ def trace(
     matvecs: int = 99,
     seed: int = 0,
     distribution: str = "rademacher",
-    block: int = 32,
+    block: int = 4,
 ) -> TraceEstimate:
     """Estimate ``tr(A)`` with ``matvecs`` operator products.
 
