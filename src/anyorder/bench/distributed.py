@@ -39,7 +39,6 @@ def run_distributed(
             skipped.append(f"{planned.task.name}/{planned.spec.name}")
             continue
         hp = dict(planned.hyperparameters)
-        hp.pop("n_queries", None)
         log(
             f"{planned.task.name} / {planned.spec.name}: {planned.steps} steps on {world} processes"
         )

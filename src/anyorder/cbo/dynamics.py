@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "NOISE_TYPES",
     "sanitize_energies",
+    "softmin_weights",
     "consensus",
     "batch_consensus",
     "random_batch_step",
@@ -44,6 +45,15 @@ def sanitize_energies(energies: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(energies, nan=math.inf, neginf=math.inf)
 
 
+def softmin_weights(energies: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The consensus weights ``softmax(-alpha f)`` along the last dimension (stable: the softmax
+    subtracts the largest logit); ``alpha=inf`` puts all the weight on the lowest energy."""
+    if math.isinf(alpha):
+        best = torch.argmin(energies, dim=-1, keepdim=True)
+        return torch.zeros_like(energies).scatter_(-1, best, 1.0)
+    return torch.softmax(energies * -alpha, dim=-1)
+
+
 def consensus(
     x: torch.Tensor, energies: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +64,7 @@ def consensus(
     picks the particle with the lowest energy. Energies must be finite where they should count
     (see :func:`sanitize_energies`); if none is finite the result is NaN.
     """
-    if math.isinf(alpha):
-        weights = torch.zeros_like(energies)
-        weights[torch.argmin(energies)] = 1.0
-    else:
-        weights = torch.softmax(energies * -alpha, dim=-1)
+    weights = softmin_weights(energies, alpha)
     return weights.to(x.dtype) @ x, weights
 
 
@@ -83,11 +89,7 @@ def batch_consensus(
     group_energies = energies[index]
     if pad:  # the padding repeats real particles: give the copies no weight
         group_energies.view(-1)[n:] = math.inf
-    if math.isinf(alpha):
-        best = torch.argmin(group_energies, dim=-1, keepdim=True)
-        weights = torch.zeros_like(group_energies).scatter_(-1, best, 1.0)
-    else:
-        weights = torch.softmax(group_energies * -alpha, dim=-1)
+    weights = softmin_weights(group_energies, alpha)
     centres = torch.bmm(weights.to(x.dtype).unsqueeze(1), x[index])  # (groups, 1, d)
     out = torch.empty_like(x)
     if pad:
@@ -154,11 +156,7 @@ def random_batch_step(
     groups = n // batch_size
     x = x.index_select(0, perm).view(groups, batch_size, d)
     group_energies = energies.index_select(0, perm).view(groups, batch_size)
-    if math.isinf(alpha):
-        best = torch.argmin(group_energies, dim=-1, keepdim=True)
-        weights = torch.zeros_like(group_energies).scatter_(-1, best, 1.0)
-    else:
-        weights = torch.softmax(group_energies * -alpha, dim=-1)
+    weights = softmin_weights(group_energies, alpha)
     centres = torch.bmm(weights.to(x.dtype).unsqueeze(1), x)  # (groups, 1, d)
     return cbo_update_(x, centres, drift_coef, noise_coef, noise, generator).view(n, d)
 

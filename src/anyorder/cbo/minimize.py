@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from anyorder.cbo._checks import optional_positive_int, positive_number
 from anyorder.cbo.dynamics import (
     NOISE_TYPES,
     batch_consensus,
@@ -70,19 +71,6 @@ class CBOResult:
             "best_fun": self.best_fun,
             "history": {k: plain(v) for k, v in self.history.items()},
         }
-
-
-def _positive(name: str, value: Any, *, allow_zero: bool = False, allow_inf: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value >= 0 if allow_zero else value > 0) and not math.isnan(value)
-        ok = ok and (allow_inf or math.isfinite(value))
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"{name} must be a {'' if allow_inf else 'finite '}number {bound}, got {value!r}"
-        )
-    return float(value)
 
 
 def _initial_particles(
@@ -202,26 +190,22 @@ def minimize(
     for name, value in (("n_particles", n_particles), ("max_iters", max_iters)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if batch_size is not None and (
-        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if maxfev is not None and (not isinstance(maxfev, int) or maxfev < 1):
-        raise ValueError(f"maxfev must be a positive integer or None, got {maxfev!r}")
-    alpha = _positive("alpha", alpha, allow_inf=True)
-    lam = _positive("lam", lam, allow_zero=True)
-    sigma = _positive("sigma", sigma, allow_zero=True)
-    dt = _positive("dt", dt)
-    alpha_factor = _positive("alpha_factor", alpha_factor)
-    alpha_max = _positive("alpha_max", alpha_max, allow_inf=True)
-    tol = _positive("tol", tol, allow_zero=True)
+    optional_positive_int("batch_size", batch_size)
+    optional_positive_int("maxfev", maxfev)
+    alpha = positive_number("alpha", alpha, allow_inf=True)
+    lam = positive_number("lam", lam, allow_zero=True)
+    sigma = positive_number("sigma", sigma, allow_zero=True)
+    dt = positive_number("dt", dt)
+    alpha_factor = positive_number("alpha_factor", alpha_factor)
+    alpha_max = positive_number("alpha_max", alpha_max, allow_inf=True)
+    tol = positive_number("tol", tol, allow_zero=True)
     if ftol is not None:
-        ftol = _positive("ftol", ftol, allow_zero=True)
+        ftol = positive_number("ftol", ftol, allow_zero=True)
     if not isinstance(record_every, int) or isinstance(record_every, bool) or record_every < 1:
         raise ValueError(f"record_every must be a positive integer, got {record_every!r}")
     if not isinstance(patience, int) or patience < 1:
         raise ValueError(f"patience must be a positive integer, got {patience!r}")
-    init_std = _positive("init_std", init_std, allow_zero=True)
+    init_std = positive_number("init_std", init_std, allow_zero=True)
 
     device = torch.device(device)
     generator = torch.Generator(device=device)

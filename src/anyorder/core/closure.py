@@ -40,7 +40,7 @@ class Closure(Protocol):
 
 
 #: accepts_backward's answers by code object: a closure is usually rebuilt every step (one per
-#: batch) from the same code, and inspect.signature costs ~40 us, a tenth of a small model's step.
+#: batch) from the same code, and inspect.signature costs ~10 us a call (0.3 us cached).
 _ACCEPTS_BY_CODE: dict[Any, bool] = {}
 
 

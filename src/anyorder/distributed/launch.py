@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, run: DistributedRun, out_dir: str, init_file:
         timeout=timedelta(seconds=run.timeout_s),
     )
     from anyorder.bench.registry import get_optimizer, get_task
-    from anyorder.core.closure import make_closure
+    from anyorder.bench.runner import _task_closure
     from anyorder.distributed.trainer import WorkerLostError, ZOTrainer
 
     out = Path(out_dir)
@@ -87,8 +87,7 @@ def _worker(rank: int, world: int, run: DistributedRun, out_dir: str, init_file:
             if run.kill_at is not None and run.kill_at == (rank, step):
                 os._exit(1)
             batch = next(batches)
-            closure = make_closure(model, lambda output, _b: output, batch, forward=task.loss)
-            losses.append(trainer.step(closure))
+            losses.append(trainer.step(_task_closure(task, model, batch, task.loss)))
         trainer.check_replicas()
     except WorkerLostError as err:
         (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "error": str(err)}))

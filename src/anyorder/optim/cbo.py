@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anyorder.cbo._checks import optional_positive_int, positive_number
 from anyorder.cbo.dynamics import (
     NOISE_TYPES,
     batch_consensus,
@@ -99,27 +100,16 @@ class CBO(AnyOrderOptimizer):
         if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
             raise ValueError(f"invalid lr={lr!r}: the time step must be a finite number > 0")
         for name, value in (("lam", lam), ("sigma", sigma), ("init_std", init_std)):
-            if not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            positive_number(name, value, allow_zero=True)
         for name, value in (("alpha", alpha), ("alpha_max", alpha_max)):
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0 (inf allowed), got {value!r}")
-        if not isinstance(alpha_factor, (int, float)) or not alpha_factor > 0:
-            raise ValueError(f"alpha_factor must be a number > 0, got {alpha_factor!r}")
+            positive_number(name, value, allow_inf=True)
+        positive_number("alpha_factor", alpha_factor)
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {', '.join(NOISE_TYPES)}, got {noise!r}")
         if not isinstance(n_particles, int) or isinstance(n_particles, bool) or n_particles < 2:
             raise ValueError(f"n_particles must be an integer >= 2, got {n_particles!r}")
-        if batch_size is not None and (
-            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        if eval_chunk_size is not None and (
-            not isinstance(eval_chunk_size, int) or eval_chunk_size < 1
-        ):
-            raise ValueError(
-                f"eval_chunk_size must be a positive integer or None, got {eval_chunk_size!r}"
-            )
+        optional_positive_int("batch_size", batch_size)
+        optional_positive_int("eval_chunk_size", eval_chunk_size)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         defaults = {"lr": lr, "lam": lam, "sigma": sigma}

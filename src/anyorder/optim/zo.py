@@ -14,7 +14,7 @@ returns the mean of the losses it evaluated, as a float.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,24 +156,16 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             self.loss_is_finite(*sample.losses)  # records the skip or raises
             return sample.mean_loss
         self.global_state["updates"] += 1
-        dot = est_sq = grad_sq = 0.0
+        sums = [0.0, 0.0, 0.0]  # probe: <estimate, gradient>, |estimate|^2, |gradient|^2
         for i, p, group in indexed:
             if true_grads is None and self._fused_update(i, p, group, sample):
                 continue
-            flat = flat_view(p)
-            buffers = {name: flat_view(buf) for name, buf in self._buffers(p, group).items()}
-            g_flat = None if true_grads is None else flat_view(true_grads[i])
-            # Rules are element-wise, so they run chunk by chunk on views of the weights and
-            # state: no estimate of the tensor's size is ever formed.
-            for start, end, estimate in self.estimator.finish_chunks(i, p, sample):
-                if g_flat is not None:
-                    e64, g64 = estimate.double(), g_flat[start:end].double()
-                    dot += float((e64 * g64).sum())
-                    est_sq += float(e64.pow(2).sum())
-                    grad_sq += float(g64.pow(2).sum())
-                views = {name: buf[start:end] for name, buf in buffers.items()}
-                self._apply_rule(group, flat[start:end], estimate, views)
+            chunks = self.estimator.finish_chunks(i, p, sample)
+            if true_grads is not None:
+                chunks = _probed(chunks, flat_view(true_grads[i]), sums)
+            self._update_tensor(p, group, chunks)
         if true_grads is not None:
+            dot, est_sq, grad_sq = sums
             denom = math.sqrt(est_sq * grad_sq)
             self.probes.append(
                 ZOProbeRecord(
@@ -186,7 +178,6 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
                 )
             )
         return sample.mean_loss
-
 
     @torch.no_grad()
     def apply_queries(self, step: int, queries: Sequence[int], projected: Sequence[float]) -> None:
@@ -205,20 +196,52 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
                 f"need one projected gradient per query, got {len(queries)} queries and "
                 f"{len(projected)} values"
             )
-        n = len(projected)
         self.global_state["updates"] += 1
         for i, p, group in self._indexed():
-            flat = flat_view(p)
-            buffers = {name: flat_view(buf) for name, buf in self._buffers(p, group).items()}
             streams = [self.estimator.chunks(i, p, step, int(q)) for q in queries]
-            for chunks in zip(*streams):
-                start, end, estimate = chunks[0]
-                estimate.mul_(projected[0] / n)
-                for (_, _, z), g in zip(chunks[1:], projected[1:]):
-                    estimate.add_(z, alpha=g / n)
-                views = {name: buf[start:end] for name, buf in buffers.items()}
-                self._apply_rule(group, flat[start:end], estimate, views)
+            self._update_tensor(p, group, _combined(streams, projected))
         self.global_state["step"] = step + 1
+
+    def _update_tensor(
+        self,
+        p: torch.Tensor,
+        group: dict[str, Any],
+        chunks: Iterable[tuple[int, int, torch.Tensor]],
+    ) -> None:
+        """Apply the rule to ``p`` given its estimate as ``(start, end, estimate)`` chunks over
+        ``flat_view(p)``. Rules are element-wise, so they run chunk by chunk on views of the
+        weights and state: no estimate of the tensor's size is ever formed."""
+        flat = flat_view(p)
+        buffers = {name: flat_view(buf) for name, buf in self._buffers(p, group).items()}
+        for start, end, estimate in chunks:
+            views = {name: buf[start:end] for name, buf in buffers.items()}
+            self._apply_rule(group, flat[start:end], estimate, views)
+
+
+def _probed(
+    chunks: Iterable[tuple[int, int, torch.Tensor]], gradient: torch.Tensor, sums: list[float]
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Pass the estimate's chunks through, adding <estimate, gradient>, |estimate|^2 and
+    |gradient|^2 (in float64) to ``sums`` before the rule sees each chunk."""
+    for start, end, estimate in chunks:
+        e64, g64 = estimate.double(), gradient[start:end].double()
+        sums[0] += float((e64 * g64).sum())
+        sums[1] += float(e64.pow(2).sum())
+        sums[2] += float(g64.pow(2).sum())
+        yield start, end, estimate
+
+
+def _combined(
+    streams: list[Iterator[tuple[int, int, torch.Tensor]]], projected: Sequence[float]
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Chunks of (1/n) sum_k g_k z_k from the directions' chunk streams, one chunk at a time."""
+    n = len(projected)
+    for chunks in zip(*streams):
+        start, end, estimate = chunks[0]
+        estimate.mul_(projected[0] / n)
+        for (_, _, z), g in zip(chunks[1:], projected[1:]):
+            estimate.add_(z, alpha=g / n)
+        yield start, end, estimate
 
 
 class ZOSGD(_ZeroOrderOptimizer):
