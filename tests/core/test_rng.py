@@ -5,13 +5,18 @@ import math
 import pytest
 import torch
 
+from anyorder.core import native
 from anyorder.core.rng import (
     CHUNK,
     DISTRIBUTIONS,
+    _prefix,
+    _rademacher,
+    add_direction_,
     derive_seed,
     direction,
     direction_chunks,
     flat_view,
+    rademacher_words,
 )
 
 
@@ -98,3 +103,70 @@ def test_flat_view_follows_memory_order():
     assert torch.equal(flat, w.permute(0, 2, 3, 1).reshape(-1))
     with pytest.raises(ValueError, match="is not dense"):
         flat_view(torch.randn(4, 4)[:, ::2])
+
+
+# --- Rademacher: counter-based words, and the compiled kernel against the torch path -------------
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix_word(key: int, j: int) -> int:
+    """Word j of the SplitMix64 stream from ``key``, in plain Python integers."""
+    z = (key + (j + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def test_rademacher_words_are_splitmix64_in_plain_integers():
+    key = _prefix(7, 3, 1, 5)
+    words = rademacher_words(key, 1000, 50, torch.device("cpu"))
+    assert [w & _M64 for w in words.tolist()] == [_splitmix_word(key, j) for j in range(1000, 1050)]
+
+
+def test_rademacher_element_e_is_bit_e_mod_64_of_word_e_div_64():
+    key = _prefix(1, 2, 0, 3)
+    z = direction((300,), 1, 2, 0, 3, distribution="rademacher")
+    expected = [-1.0 if (_splitmix_word(key, e // 64) >> (e % 64)) & 1 else 1.0 for e in range(300)]
+    assert z.tolist() == expected
+
+
+def test_rademacher_ranges_do_not_depend_on_where_chunks_start():
+    key = _prefix(4, 4, 4, 4)
+    whole = _rademacher(key, 0, 1000, torch.device("cpu"))
+    for start, end in [(0, 1), (3, 70), (64, 128), (65, 999), (130, 1000)]:
+        assert torch.equal(_rademacher(key, start, end, torch.device("cpu")), whole[start:end])
+
+
+@pytest.mark.parametrize("n", [1, 31, 63, 64, 65, 1000, CHUNK + 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay", [1.0, 0.97])
+def test_fused_pass_equals_the_torch_pass_to_the_bit(n, dtype, decay, monkeypatch):
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    w = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    fused, reference = w.clone(), w.clone()
+    add_direction_(fused, -0.37, 9, 2, 1, 4, distribution="rademacher", decay=decay)
+    monkeypatch.setattr(native, "_load", lambda: None)  # force the chunked torch path
+    add_direction_(reference, -0.37, 9, 2, 1, 4, distribution="rademacher", decay=decay)
+    assert not torch.equal(fused, w)
+    assert torch.equal(fused, reference)
+    # ... which is decay * w + alpha * z with z = direction(...).
+    z = direction((n,), 9, 2, 1, 4, distribution="rademacher", dtype=dtype)
+    expected = w.clone()
+    if decay != 1.0:
+        expected.mul_(decay)
+    assert torch.equal(fused, expected.add_(z, alpha=-0.37))
+
+
+def test_fused_pass_declines_what_it_cannot_do():
+    half = torch.zeros(100, dtype=torch.bfloat16)
+    assert native.rademacher_axpy_(half, 1, 1.0) is False
+    strided = torch.zeros(200)[::2]
+    assert native.rademacher_axpy_(strided, 1, 1.0) is False
+    assert torch.equal(strided, torch.zeros(100))
+    # bfloat16 still gets the direction, through the torch path.
+    add_direction_(half, 1.0, 0, 0, distribution="rademacher")
+    assert torch.equal(
+        half, direction((100,), 0, 0, distribution="rademacher", dtype=torch.bfloat16)
+    )

@@ -12,14 +12,18 @@ a generator seeded with SplitMix64-mixed ``(seed, step, query, index, k)``. So
   direction would otherwise be bigger than a forward pass's activations), and every pass sees
   the same numbers by construction, for every tensor size.
 
-Distributions (all with E[z z^T] = I): ``gaussian``; ``rademacher`` (+-1, eight signs per random
-byte, about three times cheaper than a Gaussian on a CPU, ten times dearer on a GPU); ``sphere`` (uniform on the sphere of
-radius sqrt(numel) per tensor; needs one extra pass to find the norm).
+Distributions (all with E[z z^T] = I): ``gaussian`` (chunk ``k`` drawn by torch's generator
+seeded as above); ``rademacher`` (+-1, counter-based: element ``e`` of a tensor with key ``K`` is
+-1 when bit ``e mod 64`` of the SplitMix64 word ``mix64(K + (e div 64 + 1) * GAMMA)`` is set, so
+any range of it is computed directly, and the numbers are the same on every device type and
+chunking; on the CPU :mod:`anyorder.core.native` applies it fused with the update, several times
+cheaper than a Gaussian draw; on a GPU Gaussians are the cheaper); ``sphere`` (uniform on the
+sphere of radius sqrt(numel) per tensor; needs one extra pass to find the norm).
 
 Directions are drawn in float32 and cast to ``dtype``. By default they are drawn on the CPU and
 moved to ``device``, so every rank and device type sees the same numbers; with
-``draw_on_device=True`` they are drawn on ``device`` (much faster on a GPU; CPU and CUDA streams
-differ).
+``draw_on_device=True`` they are drawn on ``device`` (much faster on a GPU; CPU and CUDA Gaussian
+streams differ, Rademacher ones do not).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ __all__ = [
     "generator_for",
     "direction",
     "direction_chunks",
+    "add_direction_",
+    "rademacher_words",
     "flat_view",
 ]
 
@@ -111,16 +117,46 @@ def _sign_table(device: torch.device) -> torch.Tensor:
     return table
 
 
-def _draw(n: int, distribution: str, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    if distribution == "rademacher":
-        # Each random byte picks its 8 fair signs from a 256 x 8 table: one draw and one gather
-        # per 8 elements, several times faster than drawing Gaussians.
-        index = torch.randint(
-            0, 256, ((n + 7) // 8,), generator=gen, device=device, dtype=torch.int64
-        )
-        signs = torch.embedding(_sign_table(device), index).view(-1)
-        return signs if signs.numel() == n else signs[:n]
-    return torch.randn(n, generator=gen, device=device, dtype=torch.float32)
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_BYTE_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _int64(x: int) -> int:
+    """The int64 with the same 64 bits as ``0 <= x < 2**64``."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def rademacher_words(key: int, first: int, count: int, device: torch.device) -> torch.Tensor:
+    """Words ``first .. first + count - 1`` of the Rademacher stream keyed by ``key``: the
+    SplitMix64 outputs ``mix64(key + (j + 1) * GAMMA)`` as int64 bit patterns (integer ops wrap
+    modulo 2**64 in torch as in C, so this equals :mod:`anyorder.core.native`'s kernel)."""
+    z = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
+    z.mul_(_int64(_GAMMA)).add_(_int64(key))
+    z.bitwise_xor_(_shift_right(z, 30)).mul_(_int64(_MIX1))
+    z.bitwise_xor_(_shift_right(z, 27)).mul_(_int64(_MIX2))
+    return z.bitwise_xor_(_shift_right(z, 31))
+
+
+def _rademacher(key: int, start: int, end: int, device: torch.device) -> torch.Tensor:
+    """Elements ``start .. end - 1`` of the Rademacher direction keyed by ``key`` (float32)."""
+    first, last = start // 64, (end + 63) // 64
+    words = rademacher_words(key, first, last - first, device)
+    shifts = _BYTE_SHIFTS.get(device)
+    if shifts is None:
+        shifts = _BYTE_SHIFTS[device] = torch.arange(0, 64, 8, dtype=torch.int64, device=device)
+    # Byte b of word j holds the signs of elements 64 j + 8 b .. 64 j + 8 b + 7 (bit i -> + i);
+    # each byte picks its 8 signs from a 256 x 8 table.
+    bytes_ = ((words.unsqueeze(-1) >> shifts) & 255).view(-1)
+    signs = torch.embedding(_sign_table(device), bytes_).view(-1)
+    offset = start - 64 * first
+    return signs[offset : offset + end - start]
 
 
 def direction_chunks(
@@ -152,8 +188,15 @@ def direction_chunks(
     def chunks() -> Iterator[tuple[int, int, torch.Tensor]]:
         for k, start in enumerate(range(0, numel, size)):
             end = min(start + size, numel)
+            if kind == "rademacher":
+                yield start, end, _rademacher(prefix, start, end, draw_device)
+                continue
             gen.manual_seed(_splitmix64(prefix ^ k) >> 1)
-            yield start, end, _draw(end - start, kind, gen, draw_device)
+            yield (
+                start,
+                end,
+                torch.randn(end - start, generator=gen, device=draw_device, dtype=torch.float32),
+            )
 
     scale = None
     if distribution == "sphere":
@@ -165,6 +208,50 @@ def direction_chunks(
         if scale is not None:
             z.mul_(scale)
         yield start, end, z.to(device=device, dtype=dtype) if cast else z
+
+
+def add_direction_(
+    flat: torch.Tensor,
+    alpha: float,
+    seed: int,
+    step: int,
+    query: int = 0,
+    index: int = 0,
+    *,
+    distribution: str = "gaussian",
+    decay: float = 1.0,
+    draw_on_device: bool = False,
+) -> None:
+    """``flat <- decay * flat + alpha * z`` in place, ``z`` the direction keyed by
+    ``(seed, step, query, index)`` laid out over the 1-D ``flat`` (a :func:`flat_view`).
+
+    This is the pass a zeroth-order step makes over each weight tensor (perturb, restore, update).
+    Rademacher directions of float32/float64 CPU tensors go through the fused compiled kernel
+    (:mod:`anyorder.core.native`) where it is available; everything else, chunk by chunk through
+    :func:`direction_chunks`. Both give the same result to the bit.
+    """
+    if distribution == "rademacher" and flat.device.type == "cpu":
+        from anyorder.core import native
+
+        _check_key(seed, step, query, index)
+        if native.rademacher_axpy_(flat, _prefix(seed, step, query, index), alpha, decay):
+            return
+    n = flat.numel()
+    for start, end, z in direction_chunks(
+        n,
+        seed,
+        step,
+        query,
+        index,
+        distribution=distribution,
+        dtype=flat.dtype,
+        device=flat.device,
+        draw_on_device=draw_on_device,
+    ):
+        chunk = flat if end - start == n else flat[start:end]
+        if decay != 1.0:
+            chunk.mul_(decay)
+        chunk.add_(z, alpha=alpha)
 
 
 def direction(

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anyorder.core.rng import CHUNK, DISTRIBUTIONS, direction_chunks, flat_view
+from anyorder.core.rng import CHUNK, DISTRIBUTIONS, add_direction_, direction_chunks, flat_view
 
 __all__ = ["SPSA", "SPSASample", "IndexedParams"]
 
@@ -139,13 +139,34 @@ class SPSA:
         )
 
     @torch.no_grad()
+    def add_(
+        self,
+        index: int,
+        p: torch.Tensor,
+        step: int,
+        query: int,
+        alpha: float,
+        decay: float = 1.0,
+    ) -> None:
+        """p <- decay * p + alpha * z, for tensor ``index``'s direction of ``(step, query)``: one
+        pass over ``p`` (:func:`anyorder.core.rng.add_direction_`)."""
+        add_direction_(
+            flat_view(p),
+            alpha,
+            self.seed,
+            step,
+            query,
+            index,
+            distribution=self.resolve_distribution(p.device),
+            decay=decay,
+            draw_on_device=not self.portable,
+        )
+
+    @torch.no_grad()
     def perturb_(self, params: IndexedParams, step: int, query: int, scale: float) -> None:
-        """w += scale * z_query, one chunk at a time."""
+        """w += scale * z_query, one pass per tensor."""
         for index, p in params:
-            flat = flat_view(p)
-            n = flat.numel()
-            for start, end, z in self.chunks(index, p, step, query):
-                (flat if end - start == n else flat[start:end]).add_(z, alpha=scale)
+            self.add_(index, p, step, query, scale)
 
     @torch.no_grad()
     def sample(self, params: IndexedParams, loss_at: Callable[[], float], step: int) -> SPSASample:

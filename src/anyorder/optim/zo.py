@@ -306,13 +306,7 @@ class ZOSGD(_ZeroOrderOptimizer):
             return False
         lr, wd = group["lr"], group["weight_decay"]
         coef = (1 - lr * wd) * sample.pending - lr * sample.projected[0]
-        flat = flat_view(p)
-        n = flat.numel()
-        for start, end, z in self.estimator.chunks(index, p, sample.step, 0):
-            chunk = flat if end - start == n else flat[start:end]
-            if wd != 0:
-                chunk.mul_(1 - lr * wd)
-            chunk.add_(z, alpha=coef)
+        self.estimator.add_(index, p, sample.step, 0, coef, decay=1 - lr * wd)
         return True
 
     def _buffers(self, p, group):
