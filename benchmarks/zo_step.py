@@ -13,6 +13,10 @@ method alike, the median wall time of:
                  restore, then update: four passes, each redrawing z after torch.manual_seed, as
                  the MeZO reference does), in place
   adamw          torch.optim.AdamW(foreach=True) step by backprop
+  mezo           (with --mezo-trainer PATH) MeZO's own code: the zo_step and zo_update methods of
+                 OurTrainer in the MeZO repository's large_models/trainer.py, read from PATH and
+                 run unmodified on a minimal host object (see load_mezo_methods); nothing of it
+                 is copied here. Get the file with `git clone https://github.com/princeton-nlp/MeZO`.
 and the peak tensor memory of each above what was held before (anyorder.bench.measure), as a
 ratio to the inference peak. Models: the bench's char-lm GPT-2; GPT-2 and BERT classifiers of
 4 layers, width 256, sequence 128, batch 16 (the sizes the issue's MeZO figures use); the bench's
@@ -22,8 +26,12 @@ text-finetune MiniLM when installed.
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import statistics
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +61,53 @@ def mezo_reference_step(params, loss_fn, lr: float, eps: float, seed: int) -> fl
             z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
             p.data.add_(z, alpha=-lr * g)
     return (l1 + l2) / 2
+
+
+def load_mezo_methods(path: str) -> type:
+    """A host class whose zo_* methods are MeZO's, compiled from its trainer.py source.
+
+    The module itself cannot be imported with current transformers (it imports long-removed
+    names), so only the four methods of ``OurTrainer`` that make a MeZO step are compiled, as
+    written, and bound to a class that supplies what they read from the Hugging Face Trainer:
+    ``args`` (zo_eps, weight_decay, ...), ``_prepare_inputs``, ``compute_loss_context_manager``,
+    ``compute_loss``, ``_get_learning_rate`` and ``lr_scheduler``. ``inputs`` is the loss
+    function of the benchmark model.
+    """
+    import numpy as np
+
+    source = Path(path).read_text()
+    tree = ast.parse(source)
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OurTrainer")
+    wanted = {"zo_perturb_parameters", "zo_forward", "zo_step", "zo_update"}
+    methods = [n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    if {m.name for m in methods} != wanted:
+        raise ValueError(f"{path} does not define {sorted(wanted)} in OurTrainer")
+    namespace: dict = {"torch": torch, "np": np}
+    exec(compile(ast.Module(body=methods, type_ignores=[]), path, "exec"), namespace)
+
+    class MeZOHost:
+        def __init__(self, lr: float, eps: float) -> None:
+            self.args = SimpleNamespace(
+                zo_eps=eps, weight_decay=0.0, gradient_accumulation_steps=1, non_diff=False, n_gpu=1
+            )
+            self.lr = lr
+            self.lr_scheduler = SimpleNamespace(step=lambda: None)
+
+        def _prepare_inputs(self, inputs):
+            return inputs
+
+        def compute_loss_context_manager(self):
+            return contextlib.nullcontext()
+
+        def compute_loss(self, model, inputs):
+            return inputs()
+
+        def _get_learning_rate(self):
+            return self.lr
+
+    for name in wanted:
+        setattr(MeZOHost, name, namespace[name])
+    return MeZOHost
 
 
 def build(name: str, device: str):
@@ -107,8 +162,9 @@ def build(name: str, device: str):
     raise ValueError(f"unknown model {name!r}")
 
 
-def measure(name: str, rounds: int, device: str) -> dict[str, float]:
+def measure(name: str, rounds: int, device: str, mezo_host: type | None = None) -> dict[str, float]:
     model, loss_fn = build(name, device)
+    model.eval()  # MeZO's zo_forward sets eval mode; every method runs in it
     params = [p for p in model.parameters() if p.requires_grad]
 
     def forward():
@@ -136,6 +192,14 @@ def measure(name: str, rounds: int, device: str) -> dict[str, float]:
         "mezo-ref": mezo,
         "adamw": adamw_step,
     }
+    if mezo_host is not None:
+        host = mezo_host(lr=1e-7, eps=1e-3)
+
+        def mezo_own() -> None:
+            host.zo_step(model, loss_fn)
+            host.zo_update(model)
+
+        methods["mezo"] = mezo_own
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in methods}
     for fn in methods.values():  # warm-up (allocates AdamW's state)
@@ -161,21 +225,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--mezo-trainer",
+        help="path to MeZO's large_models/trainer.py: also time MeZO's own zo_step + zo_update",
+    )
     args = parser.parse_args()
+    mezo_host = load_mezo_methods(args.mezo_trainer) if args.mezo_trainer else None
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"rounds {args.rounds}\n"
     )
+    mezo_cols = " mezo / fwd | zosgd / mezo | mezo mem / infer |" if mezo_host else ""
     print(
         "| model | params | forward ms | zosgd / fwd | zosgd-gauss / fwd | mezo-ref / fwd | "
-        "adamw / fwd | zosgd mem / infer | mezo-ref mem / infer | adamw mem / infer |"
+        "adamw / fwd | zosgd mem / infer | mezo-ref mem / infer | adamw mem / infer |" + mezo_cols
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if mezo_host else 0))
     for name in args.models.split(","):
         try:
-            r = measure(name, args.rounds, args.device)
+            r = measure(name, args.rounds, args.device, mezo_host)
         except Exception as err:  # e.g. text-finetune's data package missing
             print(f"| {name} | skipped: {err} |")
             continue
@@ -184,7 +254,13 @@ def main() -> None:
             f"| {name} | {r['params'] / 1e6:.2f}M | {f * 1e3:.1f} | {r['zosgd_s'] / f:.2f} | "
             f"{r['zosgd-gauss_s'] / f:.2f} | {r['mezo-ref_s'] / f:.2f} | {r['adamw_s'] / f:.2f} | "
             f"{r['zosgd_peak_bytes'] / inf:.2f} | {r['mezo-ref_peak_bytes'] / inf:.2f} | "
-            f"{r['adamw_peak_bytes'] / inf:.2f} |",
+            f"{r['adamw_peak_bytes'] / inf:.2f} |"
+            + (
+                f" {r['mezo_s'] / f:.2f} | {r['zosgd_s'] / r['mezo_s']:.2f} | "
+                f"{r['mezo_peak_bytes'] / inf:.2f} |"
+                if mezo_host
+                else ""
+            ),
             flush=True,
         )
 

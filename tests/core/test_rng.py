@@ -12,6 +12,7 @@ from anyorder.core.rng import (
     _prefix,
     _rademacher,
     add_direction_,
+    add_directions_,
     derive_seed,
     direction,
     direction_chunks,
@@ -170,3 +171,31 @@ def test_fused_pass_declines_what_it_cannot_do():
     assert torch.equal(
         half, direction((100,), 0, 0, distribution="rademacher", dtype=torch.bfloat16)
     )
+
+
+def test_a_pass_over_many_tensors_equals_one_pass_per_tensor():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(n, dtype=dtype, generator=gen).to(dtype)
+        for n, dtype in [
+            (5, torch.float32),
+            (70, torch.float64),
+            (129, torch.bfloat16),
+            (3, torch.float32),
+        ]
+    ]
+    tensors.append(torch.randn(40, generator=gen)[::2])  # strided: the torch path
+    indices, alphas, decays = (
+        [0, 3, 4, 7, 9],
+        [0.5, -1.0, 2.0, 1e-3, 0.25],
+        [1.0, 0.9, 1.0, 0.5, 0.8],
+    )
+    together = [t.clone() for t in tensors]
+    add_directions_(
+        together, alphas, 6, 5, 2, indices, distributions=["rademacher"] * 5, decays=decays
+    )
+    for t, index, alpha, decay, result in zip(tensors, indices, alphas, decays, together):
+        expected = t.clone()
+        add_direction_(expected, alpha, 6, 5, 2, index, distribution="rademacher", decay=decay)
+        assert torch.equal(result, expected), (index, t.dtype)
+        assert not torch.equal(result, t)

@@ -28,7 +28,7 @@ streams differ, Rademacher ones do not).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "direction",
     "direction_chunks",
     "add_direction_",
+    "add_directions_",
     "rademacher_words",
     "flat_view",
 ]
@@ -252,6 +253,50 @@ def add_direction_(
         if decay != 1.0:
             chunk.mul_(decay)
         chunk.add_(z, alpha=alpha)
+
+
+def add_directions_(
+    flats: Sequence[torch.Tensor],
+    alphas: Sequence[float],
+    seed: int,
+    step: int,
+    query: int,
+    indices: Sequence[int],
+    *,
+    distributions: Sequence[str],
+    decays: Sequence[float] | None = None,
+    draw_on_device: bool = False,
+) -> None:
+    """:func:`add_direction_` over many tensors (tensor ``t`` with index ``indices[t]``): the
+    Rademacher CPU ones in one call of the compiled kernel, the rest one by one. A model's
+    pass costs one call instead of one per tensor, which matters for models of many small
+    tensors."""
+    decays = [1.0] * len(flats) if decays is None else decays
+    rest = range(len(flats))
+    if flats and all(d == "rademacher" for d in distributions):
+        from anyorder.core import native
+
+        for index in indices:
+            _check_key(seed, step, query, index)
+        rest = native.rademacher_axpy_many_(
+            list(flats),
+            _stream_prefix(seed, step, query),
+            list(indices),
+            list(alphas),
+            list(decays),
+        )
+    for t in rest:
+        add_direction_(
+            flats[t],
+            alphas[t],
+            seed,
+            step,
+            query,
+            indices[t],
+            distribution=distributions[t],
+            decay=decays[t],
+            draw_on_device=draw_on_device,
+        )
 
 
 def direction(

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
-from anyorder.core.rng import CHUNK, DISTRIBUTIONS, add_direction_, direction_chunks, flat_view
+from anyorder.core.rng import (
+    CHUNK,
+    DISTRIBUTIONS,
+    add_direction_,
+    add_directions_,
+    direction_chunks,
+    flat_view,
+)
 
 __all__ = ["SPSA", "SPSASample", "IndexedParams"]
 
@@ -163,10 +170,33 @@ class SPSA:
         )
 
     @torch.no_grad()
+    def add_many_(
+        self,
+        params: IndexedParams,
+        step: int,
+        query: int,
+        alphas: Sequence[float],
+        decays: Sequence[float] | None = None,
+    ) -> None:
+        """:meth:`add_` for every ``(index, p)`` of ``params`` (``alphas[t]``, ``decays[t]`` for
+        the t-th), in one call of the compiled kernel where it applies
+        (:func:`anyorder.core.rng.add_directions_`)."""
+        add_directions_(
+            [flat_view(p) for _, p in params],
+            alphas,
+            self.seed,
+            step,
+            query,
+            [index for index, _ in params],
+            distributions=[self.resolve_distribution(p.device) for _, p in params],
+            decays=decays,
+            draw_on_device=not self.portable,
+        )
+
+    @torch.no_grad()
     def perturb_(self, params: IndexedParams, step: int, query: int, scale: float) -> None:
-        """w += scale * z_query, one pass per tensor."""
-        for index, p in params:
-            self.add_(index, p, step, query, scale)
+        """w += scale * z_query, one pass over the weights."""
+        self.add_many_(params, step, query, [scale] * len(params))
 
     @torch.no_grad()
     def sample(self, params: IndexedParams, loss_at: Callable[[], float], step: int) -> SPSASample:

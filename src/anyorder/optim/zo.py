@@ -106,6 +106,12 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             out[i] = laid_out
         return out
 
+    def _fused_update_all(
+        self, indexed: list[tuple[int, torch.Tensor, dict[str, Any]]], sample: SPSASample
+    ) -> bool:
+        """Restore and update every tensor in one pass if the rule allows; ``True`` if done."""
+        return False
+
     def _fused_update(
         self, index: int, p: torch.Tensor, group: dict[str, Any], sample: SPSASample
     ) -> bool:
@@ -157,6 +163,8 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             return sample.mean_loss
         self.global_state["updates"] += 1
         sums = [0.0, 0.0, 0.0]  # probe: <estimate, gradient>, |estimate|^2, |gradient|^2
+        if true_grads is None and self._fused_update_all(indexed, sample):
+            return sample.mean_loss
         for i, p, group in indexed:
             if true_grads is None and self._fused_update(i, p, group, sample):
                 continue
@@ -299,14 +307,32 @@ class ZOSGD(_ZeroOrderOptimizer):
             portable_directions=portable_directions,
         )
 
+    @staticmethod
+    def _restore_and_update(group: dict[str, Any], sample: SPSASample) -> tuple[float, float]:
+        """Plain SGD with one query: w <- (1 - lr wd)(w + pending z) - lr g z, so the restore
+        and the update share one draw of z and one pass over the weights: (coefficient of z,
+        decay)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        return (1 - lr * wd) * sample.pending - lr * sample.projected[0], 1 - lr * wd
+
+    def _fused_update_all(self, indexed, sample):
+        if len(sample.projected) != 1 or any(g["momentum"] != 0 for _, _, g in indexed):
+            return False
+        rules = [self._restore_and_update(group, sample) for _, _, group in indexed]
+        self.estimator.add_many_(
+            [(i, p) for i, p, _ in indexed],
+            sample.step,
+            0,
+            [coef for coef, _ in rules],
+            [decay for _, decay in rules],
+        )
+        return True
+
     def _fused_update(self, index, p, group, sample):
-        # Plain SGD with one query: w <- (1 - lr wd)(w + pending z) - lr g z, so the restore and
-        # the update share one draw of z and one pass over the weights.
         if group["momentum"] != 0 or len(sample.projected) != 1:
             return False
-        lr, wd = group["lr"], group["weight_decay"]
-        coef = (1 - lr * wd) * sample.pending - lr * sample.projected[0]
-        self.estimator.add_(index, p, sample.step, 0, coef, decay=1 - lr * wd)
+        coef, decay = self._restore_and_update(group, sample)
+        self.estimator.add_(index, p, sample.step, 0, coef, decay=decay)
         return True
 
     def _buffers(self, p, group):

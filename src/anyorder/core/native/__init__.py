@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["rademacher_axpy_", "available", "status"]
+__all__ = ["rademacher_axpy_", "rademacher_axpy_many_", "available", "status"]
 
 _SOURCE = Path(__file__).with_name("rademacher.c")
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
@@ -108,6 +108,17 @@ def _load() -> ctypes.CDLL | None:
                         real,
                     ]
                     fn.restype = None
+                    many = getattr(lib, name.replace("axpy", "axpy_many"))
+                    many.argtypes = [
+                        ctypes.c_int64,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_uint64,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                    ]
+                    many.restype = None
                 _state["why"] = f"compiled with {compiler}"
             except (OSError, RuntimeError, AttributeError) as exc:
                 lib = None
@@ -153,3 +164,48 @@ def rademacher_axpy_(flat: torch.Tensor, key: int, alpha: float, decay: float = 
         if _bump_version is not None:
             _bump_version(flat)  # as an in-place torch op would
     return True
+
+
+_REALS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def rademacher_axpy_many_(
+    flats: list[torch.Tensor],
+    prefix: int,
+    indices: list[int],
+    alphas: list[float],
+    decays: list[float],
+) -> list[int]:
+    """:func:`rademacher_axpy_` over many tensors in one call per dtype: tensor ``t`` gets
+    ``flats[t] <- decays[t] * flats[t] + alphas[t] * z_t``, ``z_t`` keyed by
+    ``splitmix64(prefix ^ indices[t])`` (:func:`anyorder.core.rng._prefix` of its index).
+    Returns the positions it did not handle (all of them without the kernel)."""
+    lib = _load()
+    if lib is None:
+        return list(range(len(flats)))
+    rest: list[int] = []
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for t, flat in enumerate(flats):
+        if (
+            flat.dtype in _FUNCTIONS
+            and flat.device.type == "cpu"
+            and flat.dim() == 1
+            and flat.is_contiguous()
+        ):
+            by_dtype.setdefault(flat.dtype, []).append(t)
+        else:
+            rest.append(t)
+    for dtype, members in by_dtype.items():
+        count, real = len(members), _REALS[dtype]
+        ptrs = (ctypes.c_void_p * count)(*(flats[t].data_ptr() for t in members))
+        sizes = (ctypes.c_int64 * count)(*(flats[t].numel() for t in members))
+        keys = (ctypes.c_int64 * count)(*(indices[t] for t in members))
+        decay = (real * count)(*(decays[t] for t in members))
+        alpha = (real * count)(*(alphas[t] for t in members))
+        getattr(lib, _FUNCTIONS[dtype].replace("axpy", "axpy_many"))(
+            count, ptrs, sizes, prefix, keys, decay, alpha
+        )
+        if _bump_version is not None:
+            for t in members:
+                _bump_version(flats[t])
+    return rest

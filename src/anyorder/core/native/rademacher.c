@@ -98,3 +98,22 @@ void rademacher_axpy_f64(double *w, int64_t n, uint64_t key, int64_t first_word,
         if (rest > 32) apply_f64(p + 32, (uint32_t)(word >> 32), (int)rest - 32, decay, abits, scale);
     }
 }
+
+/* The same pass over many tensors in one call (a zeroth-order step's pass over a whole model):
+ * tensor t has ns[t] elements at ptrs[t], key mix64((prefix ^ indices[t]) + GAMMA) as in rng.py's
+ * _prefix, and its own decay and alpha. */
+void rademacher_axpy_many_f32(int64_t count, float **ptrs, const int64_t *ns, uint64_t prefix,
+                              const int64_t *indices, const float *decays, const float *alphas) {
+    for (int64_t t = 0; t < count; t++) {
+        uint64_t key = mix64((prefix ^ (uint64_t)indices[t]) + GAMMA);
+        rademacher_axpy_f32(ptrs[t], ns[t], key, 0, decays[t], alphas[t]);
+    }
+}
+
+void rademacher_axpy_many_f64(int64_t count, double **ptrs, const int64_t *ns, uint64_t prefix,
+                              const int64_t *indices, const double *decays, const double *alphas) {
+    for (int64_t t = 0; t < count; t++) {
+        uint64_t key = mix64((prefix ^ (uint64_t)indices[t]) + GAMMA);
+        rademacher_axpy_f64(ptrs[t], ns[t], key, 0, decays[t], alphas[t]);
+    }
+}
