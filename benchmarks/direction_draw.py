@@ -4,8 +4,10 @@ Usage: python benchmarks/direction_draw.py [--numel 22600000] [--rounds 7] [--de
 
 For a flat tensor of ``numel`` float32 weights (22.6M: MiniLM's size) it times, interleaved,
 one pass that draws the whole direction chunk by chunk (``anyorder.core.rng.direction_chunks``)
-and one pass that draws it and adds it to the weights (what a ZO perturbation costs), plus a
-plain in-place add of a ready tensor (the memory-bandwidth floor of a pass). With
+and one pass that draws it and adds it to the weights with torch ops (what a ZO perturbation costs
+without the compiled kernel), the same Rademacher pass through the compiled kernel of
+``anyorder.core.native`` (what it costs by default on a CPU), and a plain in-place add of a ready
+tensor (the memory-bandwidth floor of a pass). With
 ``--device cuda`` it also times drawing on the CPU and moving the chunks to the GPU (what
 ``portable_directions=True`` does) against drawing on the GPU.
 """
@@ -18,7 +20,8 @@ import time
 
 import torch
 
-from anyorder.core.rng import direction_chunks
+from anyorder.core import native
+from anyorder.core.rng import add_direction_, direction_chunks
 
 
 def main() -> None:
@@ -60,6 +63,10 @@ def main() -> None:
         "rademacher draw + add": perturb("rademacher"),
         "add of a ready tensor": lambda: weights.add_(ready, alpha=1e-3),
     }
+    if dev.type == "cpu" and native.available():
+        methods["rademacher fused pass (compiled kernel)"] = lambda: add_direction_(
+            weights, 1e-3, 0, 1, distribution="rademacher"
+        )
     if dev.type == "cuda":
         methods["gaussian drawn on CPU, moved"] = draw("gaussian", on_device=False)
     times: dict[str, list[float]] = {k: [] for k in methods}

@@ -11,6 +11,7 @@ from anyorder.core.rng import add_direction_, direction
 def fresh_loader(monkeypatch, tmp_path):
     """An empty loader state and cache for the test; the real state is put back afterwards."""
     monkeypatch.setattr(native, "_state", {})
+    monkeypatch.delenv("ANYORDER_NATIVE", raising=False)
     monkeypatch.setenv("ANYORDER_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_cache_dirs", lambda: [tmp_path / "native"])
     return tmp_path

@@ -173,29 +173,35 @@ def test_fused_pass_declines_what_it_cannot_do():
     )
 
 
-def test_a_pass_over_many_tensors_equals_one_pass_per_tensor():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_pass_over_many_tensors_equals_one_pass_per_tensor(compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(native, "_load", lambda: None)  # the batched torch path
+    elif not native.available():
+        pytest.skip(native.status())
     gen = torch.Generator().manual_seed(0)
-    tensors = [
-        torch.randn(n, dtype=dtype, generator=gen).to(dtype)
-        for n, dtype in [
-            (5, torch.float32),
-            (70, torch.float64),
-            (129, torch.bfloat16),
-            (3, torch.float32),
-        ]
+    shapes = [
+        (5, torch.float32),
+        (70, torch.float64),
+        (129, torch.bfloat16),
+        (3, torch.float32),
+        (CHUNK + 9, torch.float32),
+        (64, torch.float64),
     ]
-    tensors.append(torch.randn(40, generator=gen)[::2])  # strided: the torch path
-    indices, alphas, decays = (
-        [0, 3, 4, 7, 9],
-        [0.5, -1.0, 2.0, 1e-3, 0.25],
-        [1.0, 0.9, 1.0, 0.5, 0.8],
-    )
+    tensors = [torch.randn(n, generator=gen).to(dtype) for n, dtype in shapes]
+    tensors.append(torch.randn(40, generator=gen)[::2])  # strided: one by one
+    indices = [0, 3, 4, 7, 8, 11, 9]
+    alphas = [0.5, -1.0, 2.0, 1e-3, 0.3, -0.1, 0.25]
+    decays = [1.0, 0.9, 1.0, 0.5, 0.99, 1.0, 0.8]
     together = [t.clone() for t in tensors]
     add_directions_(
-        together, alphas, 6, 5, 2, indices, distributions=["rademacher"] * 5, decays=decays
+        together, alphas, 6, 5, 2, indices, distributions=["rademacher"] * 7, decays=decays
     )
     for t, index, alpha, decay, result in zip(tensors, indices, alphas, decays, together):
+        z = direction(t.shape, 6, 5, 2, index, distribution="rademacher", dtype=t.dtype)
         expected = t.clone()
-        add_direction_(expected, alpha, 6, 5, 2, index, distribution="rademacher", decay=decay)
+        if decay != 1.0:
+            expected.mul_(decay)
+        expected.add_(z, alpha=alpha)
         assert torch.equal(result, expected), (index, t.dtype)
         assert not torch.equal(result, t)

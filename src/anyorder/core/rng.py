@@ -139,7 +139,11 @@ def rademacher_words(key: int, first: int, count: int, device: torch.device) -> 
     SplitMix64 outputs ``mix64(key + (j + 1) * GAMMA)`` as int64 bit patterns (integer ops wrap
     modulo 2**64 in torch as in C, so this equals :mod:`anyorder.core.native`'s kernel)."""
     z = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
-    z.mul_(_int64(_GAMMA)).add_(_int64(key))
+    return _mix_(z.mul_(_int64(_GAMMA)).add_(_int64(key)))
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function, in place on int64 bit patterns."""
     z.bitwise_xor_(_shift_right(z, 30)).mul_(_int64(_MIX1))
     z.bitwise_xor_(_shift_right(z, 27)).mul_(_int64(_MIX2))
     return z.bitwise_xor_(_shift_right(z, 31))
@@ -148,16 +152,48 @@ def rademacher_words(key: int, first: int, count: int, device: torch.device) -> 
 def _rademacher(key: int, start: int, end: int, device: torch.device) -> torch.Tensor:
     """Elements ``start .. end - 1`` of the Rademacher direction keyed by ``key`` (float32)."""
     first, last = start // 64, (end + 63) // 64
-    words = rademacher_words(key, first, last - first, device)
+    signs = _signs(rademacher_words(key, first, last - first, device))
+    offset = start - 64 * first
+    return signs[offset : offset + end - start]
+
+
+def _signs(words: torch.Tensor) -> torch.Tensor:
+    """The 64 signs of each word, in order (float32, 64 per word)."""
+    device = words.device
     shifts = _BYTE_SHIFTS.get(device)
     if shifts is None:
         shifts = _BYTE_SHIFTS[device] = torch.arange(0, 64, 8, dtype=torch.int64, device=device)
     # Byte b of word j holds the signs of elements 64 j + 8 b .. 64 j + 8 b + 7 (bit i -> + i);
     # each byte picks its 8 signs from a 256 x 8 table.
     bytes_ = ((words.unsqueeze(-1) >> shifts) & 255).view(-1)
-    signs = torch.embedding(_sign_table(device), bytes_).view(-1)
-    offset = start - 64 * first
-    return signs[offset : offset + end - start]
+    return torch.embedding(_sign_table(device), bytes_).view(-1)
+
+
+def _add_small_rademacher_(
+    flats: list[torch.Tensor], alphas: list[float], decays: list[float], keys: list[int]
+) -> None:
+    """The torch path of a pass over many small float32/float64 tensors of one dtype and device:
+    the words of all of them in one computation (one key per word), then one foreach update.
+    Same numbers as one :func:`add_direction_` per tensor (``alpha * z`` is exact for z = +-1)."""
+    device, dtype = flats[0].device, flats[0].dtype
+    sizes = [(f.numel() + 63) // 64 for f in flats]
+    counts = torch.tensor(sizes, dtype=torch.int64, device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    total = sum(sizes)
+    counters = torch.arange(1, total + 1, dtype=torch.int64, device=device)
+    counters.sub_(torch.repeat_interleave(starts, counts, output_size=total))
+    key_per_word = torch.tensor([_int64(k) for k in keys], dtype=torch.int64, device=device)
+    z = counters.mul_(_int64(_GAMMA)).add_(
+        torch.repeat_interleave(key_per_word, counts, output_size=total)
+    )
+    signs = _signs(_mix_(z)).to(dtype)
+    pieces, offset = [], 0
+    for f, size in zip(flats, sizes):
+        pieces.append(signs[64 * offset : 64 * offset + f.numel()])
+        offset += size
+    if any(d != 1.0 for d in decays):
+        torch._foreach_mul_(flats, decays)
+    torch._foreach_add_(flats, torch._foreach_mul(pieces, alphas))
 
 
 def direction_chunks(
@@ -268,9 +304,9 @@ def add_directions_(
     draw_on_device: bool = False,
 ) -> None:
     """:func:`add_direction_` over many tensors (tensor ``t`` with index ``indices[t]``): the
-    Rademacher CPU ones in one call of the compiled kernel, the rest one by one. A model's
-    pass costs one call instead of one per tensor, which matters for models of many small
-    tensors."""
+    Rademacher CPU ones in one call of the compiled kernel; without it, the small float32/float64
+    ones in one batched torch computation; the rest one by one. A model's pass costs one call
+    instead of one per tensor, which matters for models of many small tensors."""
     decays = [1.0] * len(flats) if decays is None else decays
     rest = range(len(flats))
     if flats and all(d == "rademacher" for d in distributions):
@@ -285,6 +321,23 @@ def add_directions_(
             list(alphas),
             list(decays),
         )
+        # Without the kernel: small float32/float64 tensors together, per dtype and device.
+        batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for t in rest:
+            flat = flats[t]
+            if flat.dtype in (torch.float32, torch.float64) and flat.numel() <= CHUNK:
+                batches.setdefault((flat.device, flat.dtype), []).append(t)
+        if batches:
+            prefix = _stream_prefix(seed, step, query)
+            for members in batches.values():
+                _add_small_rademacher_(
+                    [flats[t] for t in members],
+                    [alphas[t] for t in members],
+                    [decays[t] for t in members],
+                    [_splitmix64(prefix ^ (indices[t] & _MASK64)) for t in members],
+                )
+            done = {t for members in batches.values() for t in members}
+            rest = [t for t in rest if t not in done]
     for t in rest:
         add_direction_(
             flats[t],
