@@ -9,12 +9,20 @@
  * alpha * z is formed exactly by flipping alpha's sign bit, and decay * w is rounded before the
  * add (compiled with -ffp-contract=off), so the result equals torch's
  * w.mul_(decay).add_(z, alpha=alpha) to the bit. target_clones picks an AVX2 build at load time
- * where the CPU has it (variable shifts vectorise there) and a generic one elsewhere.
+ * where the CPU has it (variable shifts vectorise there) and a generic one elsewhere
+ * (x86-64 Linux; other platforms get one generic build).
  */
 #include <stdint.h>
 #include <string.h>
 
 #define GAMMA 0x9E3779B97F4A7C15ULL
+
+/* Function multi-versioning needs ifunc support: x86-64 ELF with GCC or a recent Clang. */
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#define DISPATCH __attribute__((target_clones("avx2", "default")))
+#else
+#define DISPATCH
+#endif
 
 static inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -45,7 +53,7 @@ static inline void apply_f64(double *p, uint32_t bits, int m, double decay, uint
 }
 
 /* n elements starting at element 64 * first_word of the tensor's direction. */
-__attribute__((target_clones("avx2", "default")))
+DISPATCH
 void rademacher_axpy_f32(float *w, int64_t n, uint64_t key, int64_t first_word, float decay,
                          float alpha) {
     uint32_t abits;
@@ -72,7 +80,7 @@ void rademacher_axpy_f32(float *w, int64_t n, uint64_t key, int64_t first_word, 
     }
 }
 
-__attribute__((target_clones("avx2", "default")))
+DISPATCH
 void rademacher_axpy_f64(double *w, int64_t n, uint64_t key, int64_t first_word, double decay,
                          double alpha) {
     uint64_t abits;
