@@ -28,6 +28,7 @@ streams differ, Rademacher ones do not).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
@@ -157,15 +158,40 @@ def _rademacher(key: int, start: int, end: int, device: torch.device) -> torch.T
     return signs[offset : offset + end - start]
 
 
+#: Chunks whose words are computed together on the torch path (integer ops on a few thousand
+#: words are bound by per-op overhead; 16 chunks of words are 128 KiB).
+_WORD_BLOCK = 16
+
+
+def _rademacher_chunks(
+    key: int, numel: int, size: int, device: torch.device
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, end, z[start:end])`` of the Rademacher direction keyed by ``key``, in chunks of
+    ``size`` (a multiple of 64) elements; the words of :data:`_WORD_BLOCK` chunks at a time."""
+    block = size * _WORD_BLOCK
+    for block_start in range(0, numel, block):
+        block_end = min(block_start + block, numel)
+        first = block_start // 64
+        words = rademacher_words(key, first, (block_end + 63) // 64 - first, device)
+        for start in range(block_start, block_end, size):
+            end = min(start + size, block_end)
+            signs = _signs(words[start // 64 - first : (end + 63) // 64 - first])
+            yield start, end, signs[: end - start]
+
+
 def _signs(words: torch.Tensor) -> torch.Tensor:
     """The 64 signs of each word, in order (float32, 64 per word)."""
     device = words.device
-    shifts = _BYTE_SHIFTS.get(device)
-    if shifts is None:
-        shifts = _BYTE_SHIFTS[device] = torch.arange(0, 64, 8, dtype=torch.int64, device=device)
     # Byte b of word j holds the signs of elements 64 j + 8 b .. 64 j + 8 b + 7 (bit i -> + i);
     # each byte picks its 8 signs from a 256 x 8 table.
-    bytes_ = ((words.unsqueeze(-1) >> shifts) & 255).view(-1)
+    if sys.byteorder == "little":
+        bytes_ = words.view(torch.uint8).long()
+    else:
+        shifts = _BYTE_SHIFTS.get(device)
+        if shifts is None:
+            shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=device)
+            _BYTE_SHIFTS[device] = shifts
+        bytes_ = ((words.unsqueeze(-1) >> shifts) & 255).view(-1)
     return torch.embedding(_sign_table(device), bytes_).view(-1)
 
 
@@ -223,11 +249,11 @@ def direction_chunks(
     kind = "gaussian" if distribution == "sphere" else distribution
 
     def chunks() -> Iterator[tuple[int, int, torch.Tensor]]:
+        if kind == "rademacher":
+            yield from _rademacher_chunks(prefix, numel, size, draw_device)
+            return
         for k, start in enumerate(range(0, numel, size)):
             end = min(start + size, numel)
-            if kind == "rademacher":
-                yield start, end, _rademacher(prefix, start, end, draw_device)
-                continue
             gen.manual_seed(_splitmix64(prefix ^ k) >> 1)
             yield (
                 start,
