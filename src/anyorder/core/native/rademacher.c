@@ -30,98 +30,62 @@ static inline uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-static inline void apply_f32(float *p, uint32_t bits, int m, float decay, uint32_t abits,
-                             int scale) {
-    for (int i = 0; i < m; i++) {
-        uint32_t s = abits ^ (((bits >> i) & 1u) << 31);
-        float a;
-        memcpy(&a, &s, sizeof a);
-        float x = scale ? p[i] * decay : p[i];
-        p[i] = x + a;
+/* One kernel per floating type, written once:
+ *   apply_<S>(p, bits, m, ...): elements p[0..m) get the signs of bits 0..m-1 of `bits`;
+ *   rademacher_axpy_<S>(w, n, key, first_word, decay, alpha): n elements starting at element
+ *     64 * first_word of the direction keyed by `key`;
+ *   rademacher_axpy_many_<S>: the same pass over many tensors in one call (a zeroth-order step's
+ *     pass over a whole model): tensor t has ns[t] elements at ptrs[t], key
+ *     mix64((prefix ^ indices[t]) + GAMMA) as in rng.py's _prefix, its own decay and alpha. */
+#define DEFINE_KERNELS(S, REAL, UINT, SIGN_SHIFT)                                              \
+    static inline void apply_##S(REAL *p, uint32_t bits, int m, REAL decay, UINT abits,       \
+                                 int scale) {                                                 \
+        for (int i = 0; i < m; i++) {                                                         \
+            UINT s = abits ^ ((UINT)((bits >> i) & 1u) << SIGN_SHIFT);                        \
+            REAL a;                                                                           \
+            memcpy(&a, &s, sizeof a);                                                         \
+            REAL x = scale ? p[i] * decay : p[i];                                             \
+            p[i] = x + a;                                                                     \
+        }                                                                                     \
+    }                                                                                         \
+                                                                                              \
+    DISPATCH                                                                                  \
+    void rademacher_axpy_##S(REAL *w, int64_t n, uint64_t key, int64_t first_word, REAL decay, \
+                             REAL alpha) {                                                    \
+        UINT abits;                                                                           \
+        memcpy(&abits, &alpha, sizeof abits);                                                 \
+        int scale = decay != (REAL)1;                                                         \
+        int64_t full = n / 64;                                                                \
+        for (int64_t j = 0; j < full; j++) {                                                  \
+            uint64_t word = mix64(key + (uint64_t)(first_word + j + 1) * GAMMA);              \
+            REAL *p = w + j * 64;                                                             \
+            /* Two loops so that `scale` is a constant in each and both vectorise. */        \
+            if (scale) {                                                                      \
+                apply_##S(p, (uint32_t)word, 32, decay, abits, 1);                            \
+                apply_##S(p + 32, (uint32_t)(word >> 32), 32, decay, abits, 1);               \
+            } else {                                                                          \
+                apply_##S(p, (uint32_t)word, 32, decay, abits, 0);                            \
+                apply_##S(p + 32, (uint32_t)(word >> 32), 32, decay, abits, 0);               \
+            }                                                                                 \
+        }                                                                                     \
+        int64_t rest = n - full * 64;                                                         \
+        if (rest > 0) {                                                                       \
+            uint64_t word = mix64(key + (uint64_t)(first_word + full + 1) * GAMMA);           \
+            REAL *p = w + full * 64;                                                          \
+            apply_##S(p, (uint32_t)word, rest < 32 ? (int)rest : 32, decay, abits, scale);    \
+            if (rest > 32)                                                                    \
+                apply_##S(p + 32, (uint32_t)(word >> 32), (int)rest - 32, decay, abits, scale); \
+        }                                                                                     \
+    }                                                                                         \
+                                                                                              \
+    void rademacher_axpy_many_##S(int64_t count, REAL **ptrs, const int64_t *ns,              \
+                                  uint64_t prefix, const int64_t *indices, const REAL *decays, \
+                                  const REAL *alphas) {                                       \
+        for (int64_t t = 0; t < count; t++) {                                                 \
+            uint64_t key = mix64((prefix ^ (uint64_t)indices[t]) + GAMMA);                    \
+            rademacher_axpy_##S(ptrs[t], ns[t], key, 0, decays[t], alphas[t]);                \
+        }                                                                                     \
     }
-}
 
-static inline void apply_f64(double *p, uint32_t bits, int m, double decay, uint64_t abits,
-                             int scale) {
-    for (int i = 0; i < m; i++) {
-        uint64_t s = abits ^ ((uint64_t)((bits >> i) & 1u) << 63);
-        double a;
-        memcpy(&a, &s, sizeof a);
-        double x = scale ? p[i] * decay : p[i];
-        p[i] = x + a;
-    }
-}
-
-/* n elements starting at element 64 * first_word of the tensor's direction. */
-DISPATCH
-void rademacher_axpy_f32(float *w, int64_t n, uint64_t key, int64_t first_word, float decay,
-                         float alpha) {
-    uint32_t abits;
-    memcpy(&abits, &alpha, sizeof abits);
-    int scale = decay != 1.0f;
-    int64_t full = n / 64;
-    for (int64_t j = 0; j < full; j++) {
-        uint64_t word = mix64(key + (uint64_t)(first_word + j + 1) * GAMMA);
-        float *p = w + j * 64;
-        if (scale) {
-            apply_f32(p, (uint32_t)word, 32, decay, abits, 1);
-            apply_f32(p + 32, (uint32_t)(word >> 32), 32, decay, abits, 1);
-        } else {
-            apply_f32(p, (uint32_t)word, 32, decay, abits, 0);
-            apply_f32(p + 32, (uint32_t)(word >> 32), 32, decay, abits, 0);
-        }
-    }
-    int64_t rest = n - full * 64;
-    if (rest > 0) {
-        uint64_t word = mix64(key + (uint64_t)(first_word + full + 1) * GAMMA);
-        float *p = w + full * 64;
-        apply_f32(p, (uint32_t)word, rest < 32 ? (int)rest : 32, decay, abits, scale);
-        if (rest > 32) apply_f32(p + 32, (uint32_t)(word >> 32), (int)rest - 32, decay, abits, scale);
-    }
-}
-
-DISPATCH
-void rademacher_axpy_f64(double *w, int64_t n, uint64_t key, int64_t first_word, double decay,
-                         double alpha) {
-    uint64_t abits;
-    memcpy(&abits, &alpha, sizeof abits);
-    int scale = decay != 1.0;
-    int64_t full = n / 64;
-    for (int64_t j = 0; j < full; j++) {
-        uint64_t word = mix64(key + (uint64_t)(first_word + j + 1) * GAMMA);
-        double *p = w + j * 64;
-        if (scale) {
-            apply_f64(p, (uint32_t)word, 32, decay, abits, 1);
-            apply_f64(p + 32, (uint32_t)(word >> 32), 32, decay, abits, 1);
-        } else {
-            apply_f64(p, (uint32_t)word, 32, decay, abits, 0);
-            apply_f64(p + 32, (uint32_t)(word >> 32), 32, decay, abits, 0);
-        }
-    }
-    int64_t rest = n - full * 64;
-    if (rest > 0) {
-        uint64_t word = mix64(key + (uint64_t)(first_word + full + 1) * GAMMA);
-        double *p = w + full * 64;
-        apply_f64(p, (uint32_t)word, rest < 32 ? (int)rest : 32, decay, abits, scale);
-        if (rest > 32) apply_f64(p + 32, (uint32_t)(word >> 32), (int)rest - 32, decay, abits, scale);
-    }
-}
-
-/* The same pass over many tensors in one call (a zeroth-order step's pass over a whole model):
- * tensor t has ns[t] elements at ptrs[t], key mix64((prefix ^ indices[t]) + GAMMA) as in rng.py's
- * _prefix, and its own decay and alpha. */
-void rademacher_axpy_many_f32(int64_t count, float **ptrs, const int64_t *ns, uint64_t prefix,
-                              const int64_t *indices, const float *decays, const float *alphas) {
-    for (int64_t t = 0; t < count; t++) {
-        uint64_t key = mix64((prefix ^ (uint64_t)indices[t]) + GAMMA);
-        rademacher_axpy_f32(ptrs[t], ns[t], key, 0, decays[t], alphas[t]);
-    }
-}
-
-void rademacher_axpy_many_f64(int64_t count, double **ptrs, const int64_t *ns, uint64_t prefix,
-                              const int64_t *indices, const double *decays, const double *alphas) {
-    for (int64_t t = 0; t < count; t++) {
-        uint64_t key = mix64((prefix ^ (uint64_t)indices[t]) + GAMMA);
-        rademacher_axpy_f64(ptrs[t], ns[t], key, 0, decays[t], alphas[t]);
-    }
-}
+DEFINE_KERNELS(f32, float, uint32_t, 31)
+DEFINE_KERNELS(f64, double, uint64_t, 63)
