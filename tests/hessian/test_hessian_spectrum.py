@@ -37,6 +37,19 @@ def test_top5_eigenvalues_to_1e4_relative(mlp_problem):
     assert (resid <= 1e-4 * got.abs() + 1e-10).all()
 
 
+def test_gap_rule_meets_tol_in_fewer_steps_than_the_residual_rule(mlp_problem):
+    model, batch, _, evals = mlp_problem
+    op = Hessian(model, F.cross_entropy, batch)
+    want = evals.flip(0)[:3]
+    for tol in (1e-3, 1e-6):
+        fast = eigenvalues(op, k=3, tol=tol)
+        strict = eigenvalues(op, k=3, tol=tol, return_eigenvectors=True)  # residual <= tol
+        got = torch.tensor(fast.eigenvalues, dtype=torch.float64)
+        assert fast.converged and ((got - want).abs() / want.abs()).max() <= tol
+        assert fast.iterations < strict.iterations
+        assert max(r / abs(e) for r, e in zip(strict.residuals, strict.eigenvalues)) <= tol
+
+
 def test_smallest_eigenvalue_to_1e4_relative(mlp_problem):
     model, batch, _, evals = mlp_problem
     assert evals[0] < 0  # the test is only meaningful with negative curvature
