@@ -37,6 +37,19 @@ def test_top5_eigenvalues_to_1e4_relative(mlp_problem):
     assert (resid <= 1e-4 * got.abs() + 1e-10).all()
 
 
+def test_gap_rule_meets_tol_in_fewer_steps_than_the_residual_rule(mlp_problem):
+    model, batch, _, evals = mlp_problem
+    op = Hessian(model, F.cross_entropy, batch)
+    want = evals.flip(0)[:3]
+    for tol in (1e-3, 1e-6):
+        fast = eigenvalues(op, k=3, tol=tol)
+        strict = eigenvalues(op, k=3, tol=tol, return_eigenvectors=True)  # residual <= tol
+        got = torch.tensor(fast.eigenvalues, dtype=torch.float64)
+        assert fast.converged and ((got - want).abs() / want.abs()).max() <= tol
+        assert fast.iterations < strict.iterations
+        assert max(r / abs(e) for r, e in zip(strict.residuals, strict.eigenvalues)) <= tol
+
+
 def test_smallest_eigenvalue_to_1e4_relative(mlp_problem):
     model, batch, _, evals = mlp_problem
     assert evals[0] < 0  # the test is only meaningful with negative curvature
@@ -73,13 +86,13 @@ def test_same_seed_same_numbers(mlp_problem):
     assert eigenvalues(op, 2, seed=1, tol=1e-3) == eigenvalues(op, 2, seed=1, tol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "blocks"])
 def test_trace_within_three_standard_errors(mlp_problem, method):
     model, batch, exact, _ = mlp_problem
     op = Hessian(model, F.cross_entropy, batch)
     est = trace(op, method=method, matvecs=60, seed=0)
     truth = float(exact.trace())
-    assert est.matvecs == 60 and est.method == method
+    assert est.matvecs == 60 and est.method == method  # blocks: 3 layers, 20 samples
     assert abs(est.estimate - truth) <= 3 * est.stderr
     if method == "hutchinson":  # Var(z^T A z) = 2 (||A||_F^2 - sum a_ii^2) for Rademacher z
         theory = math.sqrt(2 * float((exact**2).sum() - (exact.diag() ** 2).sum()) / 60)
@@ -183,13 +196,84 @@ def test_bad_arguments_raise_with_the_value():
         eigenvalues(op, k=7)
     with pytest.raises(ValueError, match="which must be one of largest, smallest, magnitude"):
         eigenvalues(op, which="top")
-    with pytest.raises(ValueError, match="method must be one of hutch\\+\\+, hutchinson"):
+    with pytest.raises(ValueError, match="method must be one of blocks, hutch\\+\\+, hutchinson"):
         trace(op, method="exact")
     with pytest.raises(ValueError, match="matvecs must be an integer >= 5 for hutch\\+\\+, got 3"):
-        trace(op, matvecs=3)
+        trace(op, method="hutch++", matvecs=3)
+    with pytest.raises(ValueError, match="matvecs must be an integer >= 2 for blocks, got 1"):
+        trace(op, matvecs=1)
+    with pytest.raises(ValueError, match=r"blocks must be a tensor of shape \(4,\)"):
+        trace(op, blocks=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="blocks applies to method='blocks' only"):
+        trace(op, method="hutchinson", blocks=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="rtol must be a number > 0"):
+        trace(op, rtol=0.0)
     with pytest.raises(ValueError, match="distribution"):
         trace(op, matvecs=6, distribution="uniform")
     with pytest.raises(TypeError, match="CurvatureOperator"):
         trace(torch.eye(3))
     with pytest.raises(ValueError, match="sigma"):
         density(op, sigma=-1.0)
+
+
+def _two_block_matrix(n: int = 60, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric matrix whose Frobenius norm sits in the off-diagonal blocks, as a network
+    Hessian's does between layers; and its block labels."""
+    g = torch.Generator().manual_seed(seed)
+    d1, d2 = (torch.randn(n, n, generator=g, dtype=torch.float64) for _ in range(2))
+    c = 10 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = torch.cat([torch.cat([d1 + d1.T, c], 1), torch.cat([c.T, d2 + d2.T], 1)])
+    return a, torch.arange(2 * n) // n
+
+
+def test_block_trace_is_unbiased_with_the_variance_of_the_diagonal_blocks():
+    a, labels = _two_block_matrix()
+    op = MatrixOperator(a)
+    truth = float(a.trace())
+    ests = {
+        method: [trace(op, method=method, matvecs=20, seed=s, blocks=b) for s in range(200)]
+        for method, b in (("blocks", labels), ("hutchinson", None))
+    }
+    blocks = torch.tensor([e.estimate for e in ests["blocks"]])
+    hutch = torch.tensor([e.estimate for e in ests["hutchinson"]])
+    assert all(e.matvecs == 20 and len(e.samples) == 10 for e in ests["blocks"])
+    assert abs(float(blocks.mean()) - truth) < 4 * float(blocks.std()) / math.sqrt(200)
+    # Var of one sample: 2 sum_g (||A_gg||_F^2 - sum diag^2) for Rademacher probes
+    off = sum(
+        float((a[labels == g][:, labels == g] ** 2).sum() - (a.diag()[labels == g] ** 2).sum())
+        for g in (0, 1)
+    )
+    theory = math.sqrt(2 * off / 10)
+    assert 0.8 < float(blocks.std()) / theory < 1.2
+    z = torch.tensor([(e.estimate - truth) / e.stderr for e in ests["blocks"]])
+    assert abs(float(z.mean())) < 0.3 and 0.8 < float(z.std()) < 1.4
+    assert float(((blocks - truth) ** 2).mean()) < 0.1 * float(((hutch - truth) ** 2).mean())
+
+
+def test_block_labels_are_the_layers_and_small_budgets_merge_them(mlp_problem):
+    model, batch, exact, _ = mlp_problem
+    op = Hessian(model, F.cross_entropy, batch)
+    sizes = [sum(p.numel() for p in m.parameters()) for m in model if len(list(m.parameters()))]
+    expected = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    assert torch.equal(op.block_labels(), expected)
+    assert torch.equal(MatrixOperator(torch.eye(5)).block_labels(), torch.zeros(5).long())
+    few = trace(op, matvecs=4, seed=0)  # 3 layers cannot give 2 samples: merged into 2 groups
+    assert few.matvecs == 4 and len(few.samples) == 2
+    odd = trace(op, matvecs=10, seed=0)  # 3 samples of 3 products
+    assert odd.matvecs == 9 and len(odd.samples) == 3
+    layer = Hessian(model, F.cross_entropy, batch, params=model[2])
+    one = trace(layer, matvecs=8, seed=0)  # a single block is Hutchinson
+    same = trace(layer, method="hutchinson", matvecs=8, seed=0)
+    assert one.samples == same.samples
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "blocks"])
+def test_rtol_stops_when_the_standard_error_is_small_enough(mlp_problem, method):
+    model, batch, exact, _ = mlp_problem
+    op = Hessian(model, F.cross_entropy, batch)
+    full = trace(op, method=method, matvecs=300, seed=1)
+    est = trace(op, method=method, matvecs=300, seed=1, rtol=0.1)
+    assert est.matvecs < full.matvecs
+    assert est.stderr <= 0.1 * abs(est.estimate) and len(est.samples) >= 4
+    assert est.samples == full.samples[: len(est.samples)]  # same probes, stopped early
+    assert abs(est.estimate - float(exact.trace())) <= 4 * est.stderr

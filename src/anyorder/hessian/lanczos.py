@@ -101,33 +101,40 @@ class _Lanczos:
 
     def step(self) -> None:
         j = self.j
+        every = bool(self.active.all())
         rows = self.active.nonzero().flatten()
-        q = self.basis[rows, j]
+        sel = slice(None) if every else rows  # a view, not a copy, in the common case
+        q = self.basis[sel, j]
         w = self.op.matmat(q)
         a = (q * w).sum(1)
         w = w - a[:, None] * q
         if j > 0:
-            w = w - self.beta[rows, j - 1].to(w)[:, None] * self.basis[rows, j - 1]
-        past = self.basis[rows, : j + 1]
+            w = w - self.beta[rows, j - 1].to(w)[:, None] * self.basis[sel, j - 1]
+        past = self.basis[sel, : j + 1]
         for _ in range(2):  # "twice is enough" (Parlett / DGKS)
             h = torch.einsum("bmn,bn->bm", past, w)
             w = w - torch.einsum("bm,bmn->bn", h, past)
         beta = torch.linalg.vector_norm(w, dim=1)
-        self.alpha[rows, j] = a.double().cpu()
-        self.beta[rows, j] = beta.double().cpu()
-        self.scale = max(self.scale, float(a.abs().max()), float(beta.max()))
+        a64, beta64 = a.double().cpu(), beta.double().cpu()
+        self.alpha[rows, j] = a64
+        self.beta[rows, j] = beta64
+        self.scale = max(self.scale, float(a64.abs().max()), float(beta64.max()))
         eps = float(torch.finfo(self.op.dtype).eps)
         self.j = j + 1
+        small = 10 * eps * max(self.scale, 1e-30) * math.sqrt(self.j)
         for i, r in enumerate(rows.tolist()):
             self.steps[r] = self.j
-            if float(beta[i]) <= 10 * eps * max(self.scale, 1e-30) * math.sqrt(self.j):
+            if float(beta64[i]) <= small:
                 self.active[r] = False  # invariant subspace
         if self.j >= self.n:
             self.active[:] = False
         if self.active.any():
             self._grow(self.j + 1)
             live = self.active[rows]
-            self.basis[rows[live], self.j] = (w[live] / beta[live, None]).to(self.basis.dtype)
+            if bool(live.all()):
+                self.basis[sel, self.j] = (w / beta[:, None]).to(self.basis.dtype)
+            else:
+                self.basis[rows[live], self.j] = (w[live] / beta[live, None]).to(self.basis.dtype)
 
     def result(self, keep_basis: bool) -> LanczosResult:
         m = self.j
@@ -162,6 +169,19 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)[:k]
 
 
+def _error_estimates(theta: torch.Tensor, resid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Estimated errors of the Ritz values ``theta[idx]``: ``min(r, r^2 / gap)`` (Kato-Temple;
+    Parlett, "The Symmetric Eigenvalue Problem", 11.7), with residuals ``resid`` of all Ritz
+    values and the gap to the nearest other Ritz value less its residual."""
+    r = resid[idx]
+    if theta.numel() == 1:
+        return r
+    dist = (theta[idx, None] - theta[None, :]).abs() - resid[None, :]
+    dist[torch.arange(idx.numel()), idx] = math.inf
+    gap = dist.min(1).values
+    return torch.where(gap > r, r * r / gap.clamp_min(1e-300), r)
+
+
 def eigenvalues(
     op: CurvatureOperator,
     k: int = 1,
@@ -177,8 +197,12 @@ def eigenvalues(
     et al. 2019, computed from one Krylov space instead of power iteration with deflation).
 
     ``which``: ``"largest"`` (algebraically, e.g. the sharpest directions), ``"smallest"`` (most
-    negative first) or ``"magnitude"``. Stops when every wanted Ritz pair has residual
-    ``||A y - theta y|| <= tol * |theta|`` (then ``|theta - lambda| <= tol * |theta|``), at an
+    negative first) or ``"magnitude"``. Stops when every wanted Ritz value's estimated error
+    ``min(r, r^2 / gap) <= tol * |theta|``, with ``r = ||A y - theta y||`` (``r`` alone bounds
+    the error; ``r^2 / gap`` is the Kato-Temple bound with the gap to the other Ritz values less
+    their residuals, an estimate that is usually several times pessimistic, and much smaller than
+    ``r`` once ``r`` is below the gap). With ``return_eigenvectors`` the residual itself must be
+    ``<= tol * |theta|``, since a vector is only as good as its residual. Also stops at an
     invariant subspace, or after ``max_iter`` steps (default ``min(size, max(300, 30 k))``) with a
     warning and ``converged=False``. The start vector is Gaussian from ``seed``.
     """
@@ -202,7 +226,7 @@ def eigenvalues(
     converged = False
     theta = s = torch.zeros(0)
     idx = torch.zeros(0, dtype=torch.long)
-    residuals = torch.zeros(0)
+    residuals = errors = torch.zeros(0)
     while True:
         run.step()
         m = run.j
@@ -212,18 +236,20 @@ def eigenvalues(
             theta, s = torch.linalg.eigh(t)
             idx = _select(theta, k, which)
             done = not bool(run.active[0])
-            residuals = (run.beta[0, m - 1] * s[m - 1, idx]).abs() if not done else s[0, idx] * 0
+            every = (run.beta[0, m - 1] * s[m - 1]).abs() if not done else theta * 0
+            residuals = every[idx]
+            errors = residuals if return_eigenvectors else _error_estimates(theta, every, idx)
             floor = 10 * float(torch.finfo(op.dtype).eps) * run.scale
             limit = torch.clamp(tol * theta[idx].abs(), min=floor)
-            if done or bool((residuals <= limit).all()):
+            if done or bool((errors <= limit).all()):
                 converged = True
                 break
         if m >= max_iter or not bool(run.active[0]):
             break
     if not converged:
         warnings.warn(
-            f"Lanczos did not reach tol={tol} in {run.j} steps (largest relative residual "
-            f"{float((residuals / theta[idx].abs().clamp_min(1e-300)).max()):.2e}); "
+            f"Lanczos did not reach tol={tol} in {run.j} steps (largest relative error estimate "
+            f"{float((errors / theta[idx].abs().clamp_min(1e-300)).max()):.2e}); "
             "raise max_iter or tol",
             RuntimeWarning,
             stacklevel=2,

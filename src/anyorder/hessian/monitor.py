@@ -40,7 +40,8 @@ class HessianMonitor:
     :meth:`step` instead to measure the current one. ``lr`` is a number, or read from
     ``optimizer.param_groups[0]["lr"]`` at each check when ``optimizer`` is given (schedulers
     are followed). A check costs about ``max_iter + trace_matvecs`` Hessian-vector products:
-    Lanczos to relative tolerance ``tol`` and a Hutch++ trace. ``on_flag(record)`` is called when a
+    Lanczos to relative tolerance ``tol`` and a layer-blocked Hutchinson trace
+    (:func:`anyorder.hessian.trace`'s default). ``on_flag(record)`` is called when a
     flag turns on. The model's train/eval modes are restored after each check.
     """
 
@@ -93,7 +94,7 @@ class HessianMonitor:
     __call__ = step
 
     def check(self, batch: Any = None, *, step: int | None = None) -> MonitorRecord:
-        """Measure now: the top eigenvalue (Lanczos) and the trace (Hutch++) on ``batch`` (default:
+        """Measure now: the top eigenvalue (Lanczos) and the trace (layer blocks) on ``batch`` (default:
         the monitor's ``data``)."""
         data = self.data if batch is None else batch
         if data is None and self.forward is None:

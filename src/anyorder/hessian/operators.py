@@ -140,6 +140,11 @@ class CurvatureOperator(ABC):
             shape = f"({self.size},)" if dim == 1 else f"(b, {self.size})"
             raise ValueError(f"expected a tensor of shape {shape}, got {tuple(v.shape)}")
 
+    def block_labels(self) -> torch.Tensor:
+        """A block index per coordinate, shape ``(size,)``: the diagonal blocks that
+        :func:`anyorder.hessian.trace` stratifies over (here one block)."""
+        return torch.zeros(self.size, dtype=torch.long, device=self.device)
+
     def to_dense(self, chunk: int = 256) -> torch.Tensor:
         """The full ``size x size`` matrix, column block by column block (small operators only)."""
         cols = []
@@ -248,6 +253,19 @@ class ModelOperator(CurvatureOperator):
         self._cached: list[tuple[float, Any]] | None = None
         self._versions: list[int] = []
         self._total_weight: float | None = None
+
+    def block_labels(self) -> torch.Tensor:
+        """A block index per coordinate: the module that owns each parameter (its layer), in the
+        order of first appearance among ``params``."""
+        owner: dict[int, int] = {}
+        for i, module in enumerate(self.model.modules()):
+            for p in module.parameters(recurse=False):
+                owner.setdefault(id(p), i)
+        ids = [owner.get(id(p), -1) for p in self.params]
+        rank = {m: r for r, m in enumerate(dict.fromkeys(ids))}
+        counts = torch.tensor([p.numel() for p in self.params], device=self.device)
+        per_param = torch.tensor([rank[m] for m in ids], device=self.device)
+        return torch.repeat_interleave(per_param, counts)
 
     # data ---------------------------------------------------------------------------------------
     def batches(self) -> Iterator[Batch]:
