@@ -88,6 +88,29 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         self.global_state["evaluations"] += 1
         return est
 
+    def _evaluate(
+        self,
+        closure: Callable[..., Any],
+        items: list[tuple[int, torch.Tensor, dict[str, Any]]],
+        step: int,
+        refresh: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor] | None]:
+        """``(loss, grads, diagonal)`` of this step: the estimator's (it differentiates the
+        closure itself) when ``refresh``, else ``closure(backward=True)`` and ``.grad`` with no
+        diagonal."""
+        if refresh:
+            est = self._estimate(closure, items, step)
+            self._telemetry["hvp_method"] = est.method
+            return est.loss, list(est.grads), est.diagonal
+        loss = self._first_order_loss(closure)
+        return loss, [p.grad for _, p, _ in items], None
+
+    def _mark_refreshed(self, step: int) -> None:
+        """Record a refresh of the curvature estimate on ``step``."""
+        self.global_state["refreshed_period"] = step // self.update_every
+        self.global_state["hessian_refreshes"] += 1
+        self._telemetry["refreshed"] = True
+
     def _finite(
         self, loss: torch.Tensor | None, diagonal: list[torch.Tensor] | None
     ) -> tuple[bool, torch.Tensor | None]:

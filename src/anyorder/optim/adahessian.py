@@ -101,14 +101,7 @@ class AdaHessian(CurvatureOptimizer):
         step = int(self.global_state["step"])
         items = self._items()
         self._telemetry["refreshed"] = False
-        diagonal: list[torch.Tensor] | None = None
-        if self.hessian_due:
-            est = self._estimate(closure, items, step)
-            loss, grads, diagonal = est.loss, est.grads, est.diagonal
-            self._telemetry["hvp_method"] = est.method
-        else:
-            loss = self._first_order_loss(closure)
-            grads = [p.grad for _, p, _ in items]
+        loss, grads, diagonal = self._evaluate(closure, items, step, self.hessian_due)
         proceed, norm = self._finite(loss, diagonal)
         if not proceed:
             self.global_state["step"] = step + 1
@@ -118,10 +111,8 @@ class AdaHessian(CurvatureOptimizer):
             if self.spatial_average and any(d.dim() >= 3 for d in diagonal):
                 diagonal = spatial_average_(diagonal)
                 norm = total_norm(diagonal)
-            self.global_state["refreshed_period"] = step // self.update_every
-            self.global_state["hessian_refreshes"] += 1
+            self._mark_refreshed(step)
             self._telemetry["hessian_norm"] = norm
-            self._telemetry["refreshed"] = True
         updates = int(self.global_state["updates"]) + 1
         refreshes = int(self.global_state["hessian_refreshes"])
         names = ("exp_avg", "exp_hessian_sq")

@@ -153,9 +153,7 @@ class Sophia(CurvatureOptimizer):
         # _grouped sorts the diagonal into the groups as it would gradients
         for group, (_, values, _, hessians) in self._grouped(items, diagonal, _MOMENTS):
             ema_(hessians, values, group["betas"][1])
-        step = int(self.global_state["step"])
-        self.global_state["refreshed_period"] = step // self.update_every
-        self.global_state["hessian_refreshes"] += 1
+        self._mark_refreshed(int(self.global_state["step"]))
         hessians = [self.state[p]["hessian"] for _, p, _ in items]
         self._telemetry["hessian_norm"] = partial(total_norm, hessians)
 
@@ -210,13 +208,8 @@ class Sophia(CurvatureOptimizer):
                     "(loss, logits)"
                 )
             grads = [p.grad for _, p, _ in items]
-        elif due:
-            est = self._estimate(closure, items, step)
-            loss, grads, diagonal = est.loss, est.grads, est.diagonal
-            self._telemetry["hvp_method"] = est.method
         else:
-            loss = self._first_order_loss(closure)
-            grads = [p.grad for _, p, _ in items]
+            loss, grads, diagonal = self._evaluate(closure, items, step, due)
         if not self._finite(loss, diagonal)[0]:
             self.global_state["step"] = step + 1
             return loss
@@ -224,7 +217,6 @@ class Sophia(CurvatureOptimizer):
             self._set_grads(items, grads)
             self._telemetry.pop("clip_fraction", None)  # it reads h, which the refresh changes
             self._refresh(items, diagonal)
-            self._telemetry["refreshed"] = True
         chosen = self._grouped(items, grads, _MOMENTS)
         for group, (params, grad_list, exp_avgs, hessians) in chosen:
             sophia_(
