@@ -7,7 +7,7 @@ Usage: python benchmarks/curvature_lr_grid.py [--tasks digits-mlp,breast-cancer-
 
 The same protocol as ``benchmarks/tune_lr.py`` (same seed, initial weights, data order and
 number of steps as ``anyorder bench``'s quick suite, each optimizer built from its registration
-with only ``lr`` overridden, the lr with the lowest final training objective wins, diverged runs
+with only ``lr`` overridden, driven by the runner's closures, the lr with the lowest final training objective wins, diverged runs
 lose) but it trains directly instead of through the runner, skipping the memory probe and
 timing, which made the full grid too slow on a shared 2-core machine.
 """
@@ -20,7 +20,7 @@ import math
 import torch
 
 from anyorder.bench.registry import get_optimizer, get_task
-from anyorder.core import make_closure
+from anyorder.bench.runner import _task_closure
 
 GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -33,9 +33,10 @@ def final_objective(task_name: str, opt_name: str, lr: float, steps: int | None)
     opt = spec.build(model.parameters(), spec.hyperparameters(task_name, {"lr": lr}))
     batches = task.batches(torch.Generator().manual_seed(0))
     n = steps if steps is not None else type(task).default_steps["quick"]
+    logits = "logits" in spec.requires  # Sophia-G: the closure returns (loss, logits)
+    loss_fn = task.loss_and_logits if logits else task.loss
     for _ in range(n):
-        closure = make_closure(model, lambda out, _b: out, next(batches), forward=task.loss)
-        loss = opt.step(closure)
+        loss = opt.step(_task_closure(task, model, next(batches), loss_fn, with_logits=logits))
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             return math.inf

@@ -6,7 +6,8 @@ Usage: python benchmarks/curvature_step.py [--models digits-mlp,char-lm,char-lm-
                                            [--clock wall|cpu]
 
 Every method trains its own copy of the same model on the same batches, driven by the same
-hand-written closure (``closure(backward=True)``: zero the gradients, loss, backward), so that
+hand-written closure (``closure(backward=True)``: zero the gradients, loss, backward; for
+Sophia-G it returns ``(loss, logits)``, which pytorch-optimizer has no counterpart for), so that
 the figures compare optimizers, not closure helpers (``adamw-helper`` times AdamW through
 :func:`anyorder.core.make_closure`, as ``anyorder bench`` drives it). Methods are timed
 interleaved round-robin (each round runs ``--block`` = 10 consecutive steps of every method, so
@@ -65,20 +66,21 @@ def build(name: str):
     return task, model_factory, batches
 
 
-def contract_closure(task, model, batch):
-    """A hand-written contract closure: what a user writes, and what the peers' loops do."""
+def contract_closure(task, model, batch, with_logits: bool = False):
+    """A hand-written contract closure: what a user writes, and what the peers' loops do.
+    With ``with_logits`` it returns ``(loss, logits)`` (for Sophia-G)."""
 
     def closure(backward: bool = True):
-        loss = task.loss(model, batch)
+        loss, logits = task.loss_and_logits(model, batch)
         if backward:
             model.zero_grad(set_to_none=True)
             loss.backward()
-        return loss
+        return (loss, logits) if with_logits else loss
 
     return closure
 
 
-def ours(cls, helper: bool = False, **kw) -> Callable:
+def ours(cls, helper: bool = False, with_logits: bool = False, **kw) -> Callable:
     def make(task, model):
         opt = cls(model.parameters(), **kw)
 
@@ -86,7 +88,7 @@ def ours(cls, helper: bool = False, **kw) -> Callable:
             if helper:
                 opt.step(make_closure(model, lambda out, b: out, batch, forward=task.loss))
             else:
-                opt.step(contract_closure(task, model, batch))
+                opt.step(contract_closure(task, model, batch, with_logits))
 
         return step
 
@@ -101,7 +103,7 @@ def peer_plain(cls_name: str, create_graph: bool = False, **kw) -> Callable:
 
         def step(batch):
             opt.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
+            loss = task.loss_and_logits(model, batch)[0]
             loss.backward(create_graph=create_graph)
             opt.step()
             if create_graph:
@@ -121,7 +123,7 @@ def peer_sam(**kw) -> Callable:
         def step(batch):
             def closure():
                 opt.zero_grad()
-                loss = task.loss(model, batch)
+                loss = task.loss_and_logits(model, batch)[0]
                 loss.backward()
                 return loss
 
@@ -139,6 +141,9 @@ def methods(peers: bool, model_name: str) -> dict[str, Callable]:
         "adamw": ours(torch.optim.AdamW, lr=lr, foreach=True),
         "adamw-helper": ours(torch.optim.AdamW, helper=True, lr=lr, foreach=True),
         "sophia": ours(Sophia, lr=lr, update_every=10, weight_decay=0.0),
+        "sophia-g": ours(
+            Sophia, with_logits=True, lr=lr, update_every=10, weight_decay=0.0, estimator="gnb"
+        ),
         "adahessian": ours(AdaHessian, lr=lr),
         "sam": ours(SAM, base_optimizer=torch.optim.SGD, lr=lr, momentum=0.9, rho=0.05),
         "lion": ours(Lion, lr=lr),
@@ -223,8 +228,8 @@ def main() -> None:
             f"{'method':12s} {'ms/step':>9s} {'x AdamW':>8s} {'peer x AdamW':>13s} "
             f"{'ours / peer':>12s}"
         )
-        for name in ("sophia", "adahessian", "sam", "lion", "diffgrad"):
-            peer = result.get(pairs[name])
+        for name in ("sophia", "sophia-g", "adahessian", "sam", "lion", "diffgrad"):
+            peer = result.get(pairs.get(name, ""))
             peer_ratio = f"{peer / base:13.2f}" if peer is not None else f"{'n/a':>13s}"
             ours_vs = f"{result[name] / peer:12.2f}" if peer is not None else f"{'n/a':>12s}"
             print(

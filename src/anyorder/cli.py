@@ -203,6 +203,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             config=config,
             time_budget_s=args.time_budget,
+            log=lambda message: print(message, file=sys.stderr),
         )
         out_dir = prepare_out_dir(out)
     except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:

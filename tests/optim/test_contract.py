@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from anyorder.core import make_closure
 from anyorder.curvature import CurvatureFallbackWarning
-from anyorder.functional import adahessian_, diffgrad_, lion_, sophia_, spatial_average_
+from anyorder.functional import (
+    adahessian_,
+    diffgrad_,
+    lion_,
+    sophia_,
+    sophia_clip_count,
+    spatial_average_,
+)
 from anyorder.optim import MFAC, SAM, AdaHessian, DiffGrad, Lion, Sophia
 
 FACTORIES = {
@@ -175,14 +182,24 @@ def test_missing_or_plain_closure_is_explained():
 
 def test_sophia_gnb_standard_loop_with_update_hessian():
     model = _model()
-    opt = Sophia(model.parameters(), lr=1e-2, estimator="gnb", update_every=2)
+    opt = Sophia(
+        model.parameters(), lr=1e-2, betas=(0.9, 0.5), rho=1.0, estimator="gnb", update_every=2
+    )
     refreshes = 0
     for t in range(6):
         x, y = _batch(t)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         if opt.hessian_due:
+            if t:  # the last step's clip fraction, from the state before this refresh
+                states = [opt.state[p] for p in model.parameters()]
+                clipped = sum(
+                    int((s["exp_avg"].abs() >= s["hessian"].clamp(min=1e-15)).sum()) for s in states
+                )
+                expected = clipped / sum(p.numel() for p in model.parameters())
             opt.update_hessian(logits)  # before loss.backward(), which frees the graph
+            if t:  # read after the refresh changed h: still the last step's figure
+                assert opt.telemetry["clip_fraction"] == pytest.approx(expected, abs=1e-12)
             refreshes += 1
         opt.zero_grad()
         loss.backward()
@@ -277,18 +294,8 @@ def test_foreach_kernels_match_a_per_tensor_loop():
         assert torch.allclose(om, 0.99 * mm + 0.01 * gr, atol=1e-15)
     # Sophia, with the clip count
     ours, mo = [p.clone() for p in params], [x.clone() for x in m]
-    count = sophia_(
-        ours,
-        grads,
-        mo,
-        h,
-        lr=0.1,
-        beta1=0.9,
-        rho=0.5,
-        eps=1e-12,
-        weight_decay=0.1,
-        count_clipped=True,
-    )
+    sophia_(ours, grads, mo, h, lr=0.1, beta1=0.9, rho=0.5, eps=1e-12, weight_decay=0.1)
+    count = sophia_clip_count(mo, h, rho=0.5, eps=1e-12)
     clipped = 0
     for p, gr, mm, hh, o in zip(params, grads, m, h, ours):
         mm = 0.9 * mm + 0.1 * gr

@@ -131,6 +131,7 @@ def test_sophia_hutchinson_matches_reference(wd):
     h = {n: torch.zeros_like(v) for n, v in ref.items()}
     lrs = _lrs(lr, lr2)
     clipped_any = False
+    total = sum(v.numel() for v in ref.values())
     for t in range(STEPS):
         opt.step(_closure(ps, t))
         g = _grad(ref, t)
@@ -138,12 +139,17 @@ def test_sophia_hutchinson_matches_reference(wd):
             hh = _hutchinson(ref, t, seed, t)
             for n in ref:
                 h[n] = b2 * h[n] + (1 - b2) * hh[n]
+        clipped = 0
         for n in ref:
             ref[n] = ref[n] * (1 - lrs[n] * wd)
             m[n] = b1 * m[n] + (1 - b1) * g[n]
             ratio = m[n] / torch.clamp(rho * h[n], min=eps)
+            clipped += int((ratio.abs() >= 1).sum())
             ref[n] = ref[n] - lrs[n] * torch.clamp(ratio, -1, 1)
-        clipped_any |= opt.telemetry["clip_fraction"] > 0
+        if t % 2 == 0:  # read every other step: an unread (lazy) figure is replaced correctly
+            assert opt.telemetry["clip_fraction"] == clipped / total
+            assert opt.telemetry["refreshed"] == (t % k == 0)
+        clipped_any |= clipped > 0
         _check(ps, ref)
     assert clipped_any
     assert opt.telemetry["hessian_norm"] == pytest.approx(

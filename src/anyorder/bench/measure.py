@@ -42,14 +42,16 @@ class EvalCounter:
     backward: int = 0
 
     def wrap(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """``loss_fn`` that counts its calls and the backward passes through its results."""
+        """``loss_fn`` that counts its calls and the backward passes through its results (the
+        first element of a ``(loss, logits)`` pair)."""
 
         def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
             self.forward += 1
-            loss = loss_fn(*args, **kwargs)
+            out = loss_fn(*args, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 loss.register_hook(self._on_backward)
-            return loss
+            return out
 
         return counted
 

@@ -154,8 +154,12 @@ def plan_suite(
     device: str = "cpu",
     config: Mapping[str, Any] | None = None,
     time_budget_s: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[PlannedRun]:
     """Resolve names, options and hyperparameters, and check them all before anything runs.
+
+    An optimizer named in ``optimizers`` is skipped on a task that lacks what it requires, with
+    a one-line reason passed to ``log`` (e.g. Sophia-G needs logits, which function tasks lack).
 
     ``time_budget_s`` ends each run once its steps have taken that many seconds (``steps`` is
     then the cap), for comparisons at an equal wall-clock budget.
@@ -191,6 +195,7 @@ def plan_suite(
     for name in opt_names:
         specs.append(resolve_optimizer(name, config))
     plan: list[PlannedRun] = []
+    skipped: list[str] = []
     for task_name in task_names:
         task_cls = get_task(task_name)
         task = task_cls(device=dev, **dict(config.get("tasks", {}).get(task_name, {})))
@@ -198,6 +203,12 @@ def plan_suite(
         n_steps = steps if steps is not None else task_cls.default_steps[suite]
         for spec, general, per_task in specs:
             if not spec.applies_to(task):
+                if optimizers:
+                    missing = ", ".join(sorted(spec.requires - task.provides))
+                    skipped.append(
+                        f"skipping {spec.name} on {task_name}: it needs {missing}, which this "
+                        "task does not provide"
+                    )
                 continue
             hp = spec.hyperparameters(task_name, {**general, **per_task.get(task_name, {})})
             probe = torch.nn.Parameter(torch.zeros(2))
@@ -206,7 +217,11 @@ def plan_suite(
     if not plan:
         raise ValueError(
             f"no optimizer among {', '.join(opt_names)} applies to tasks {', '.join(task_names)}"
+            + (f" ({'; '.join(skipped)})" if skipped else "")
         )
+    if log is not None:
+        for line in skipped:
+            log(line)
     return plan
 
 
@@ -224,8 +239,42 @@ def _forward_count(opt: torch.optim.Optimizer, counter: EvalCounter) -> int:
     return int(population) if population is not None else counter.forward
 
 
-def _task_closure(task: Task, model: torch.nn.Module, batch: Any, loss_fn: Callable[..., Any]):
-    return make_closure(model, lambda output, _batch: output, batch, forward=loss_fn)
+def _task_closure(
+    task: Task,
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: Callable[..., Any],
+    *,
+    with_logits: bool = False,
+):
+    """The contract closure of one step. With ``with_logits`` (optimizers that require
+    ``"logits"``, e.g. Sophia-G), ``loss_fn`` is ``task.loss_and_logits`` (maybe counted) and the
+    closure returns ``(loss, logits)``; it differentiates the loss only, as usual."""
+    if not with_logits:
+        return make_closure(model, lambda output, _batch: output, batch, forward=loss_fn)
+    latest: list[torch.Tensor] = []
+
+    def loss_keeping_logits(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        loss, logits = loss_fn(model, batch)
+        latest[:] = [logits]
+        return loss
+
+    inner = make_closure(model, lambda output, _batch: output, batch, forward=loss_keeping_logits)
+
+    def closure(backward: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = inner(backward=backward)
+        return loss, latest.pop()
+
+    closure.model = model  # type: ignore[attr-defined]
+    return closure
+
+
+def _needs_logits(run: PlannedRun) -> bool:
+    return "logits" in run.spec.requires
+
+
+def _loss_fn(task: Task, run: PlannedRun) -> Callable[..., Any]:
+    return task.loss_and_logits if _needs_logits(run) else task.loss
 
 
 def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
@@ -235,7 +284,11 @@ def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
         warm = task.init_model(seed)
         warm_opt = run.spec.build(warm.parameters(), run.hyperparameters)
         warm_batch = next(task.batches(torch.Generator().manual_seed(seed)))
-        warm_opt.step(_task_closure(task, warm, warm_batch, task.loss))
+        warm_opt.step(
+            _task_closure(
+                task, warm, warm_batch, _loss_fn(task, run), with_logits=_needs_logits(run)
+            )
+        )
         del warm, warm_opt
     model = task.init_model(seed)
     opt = run.spec.build(model.parameters(), run.hyperparameters)
@@ -245,7 +298,11 @@ def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
     def work() -> None:
         for batch in batch_list:
             try:
-                opt.step(_task_closure(task, model, batch, task.loss))
+                opt.step(
+                    _task_closure(
+                        task, model, batch, _loss_fn(task, run), with_logits=_needs_logits(run)
+                    )
+                )
             except Exception:  # the timed run records the failure; the probe keeps its peak
                 return
 
@@ -308,7 +365,7 @@ def run_one(
     opt = run.spec.build(model.parameters(), run.hyperparameters)
     batches = task.batches(torch.Generator().manual_seed(seed))
     counter = EvalCounter()
-    counted_loss = counter.wrap(task.loss)
+    counted_loss = counter.wrap(_loss_fn(task, run))
     history: list[HistoryPoint] = []
     times: list[float] = []
     wall = 0.0
@@ -317,7 +374,7 @@ def run_one(
     monitor_error = None
     for step in range(run.steps):
         batch = next(batches)
-        closure = _task_closure(task, model, batch, counted_loss)
+        closure = _task_closure(task, model, batch, counted_loss, with_logits=_needs_logits(run))
         synchronize(task.device)
         t0 = time.perf_counter()
         try:

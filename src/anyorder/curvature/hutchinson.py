@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from anyorder.core.rng import direction
+from anyorder.core.rng import CHUNK, DEVICE_CHUNK, direction_chunks
 from anyorder.curvature.hvp import HVPEngine, require_contract_closure
 
 __all__ = ["CurvatureEstimate", "HutchinsonDiagonal"]
@@ -90,10 +90,12 @@ class HutchinsonDiagonal:
             return [[] for _ in range(self.n_samples)]
         first = params[0]
         sizes = [p.numel() for p in params]
+        numel = sum(sizes)
+        uniform = all(p.dtype == first.dtype and p.device == first.device for p in params)
         out = []
         for q in range(self.n_samples):
-            flat = direction(
-                (sum(sizes),),
+            chunks = direction_chunks(
+                numel,
                 self.seed,
                 step,
                 q,
@@ -103,12 +105,22 @@ class HutchinsonDiagonal:
                 device=first.device,
                 draw_on_device=first.device.type != "cpu",
             )
-            out.append(
-                [
-                    piece.view(p.shape).to(device=p.device, dtype=p.dtype)
-                    for piece, p in zip(flat.split(sizes), params)
-                ]
-            )
+            if numel <= (CHUNK if first.device.type == "cpu" else DEVICE_CHUNK):
+                flat = next(chunks)[2]  # one chunk: the direction itself, no copy
+            else:
+                flat = torch.empty(numel, dtype=first.dtype, device=first.device)
+                for start, end, z in chunks:
+                    flat[start:end] = z
+            pieces = torch.split_with_sizes(flat, sizes)
+            if uniform:
+                out.append([piece.view_as(p) for piece, p in zip(pieces, params)])
+            else:
+                out.append(
+                    [
+                        piece.view(p.shape).to(device=p.device, dtype=p.dtype)
+                        for piece, p in zip(pieces, params)
+                    ]
+                )
         return out
 
     def estimate(

@@ -178,21 +178,28 @@ class HVPEngine:
             if not math.isfinite(float(loss)):
                 return loss, [torch.zeros_like(p) for p in params], []
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            every = len(live) == len(params)
+            live_grads = grads if every else [grads[i] for i in live]
+            live_params = params if every else [params[i] for i in live]
             try:
                 products = []
                 for k, v in enumerate(vectors):
-                    hv = [torch.zeros_like(p) for p in params]
+                    out: Sequence[torch.Tensor | None] = ()
                     if live:
                         out = torch.autograd.grad(
-                            [grads[i] for i in live],
-                            [params[i] for i in live],
-                            grad_outputs=[v[i] for i in live],
+                            live_grads,
+                            live_params,
+                            grad_outputs=v if every else [v[i] for i in live],
                             retain_graph=k < len(vectors) - 1,
                             allow_unused=True,
                         )
-                        for i, h in zip(live, out):
-                            if h is not None:
-                                hv[i] = h
+                    if every and all(h is not None for h in out):
+                        products.append(list(out))
+                        continue
+                    hv = [torch.zeros_like(p) for p in params]
+                    for i, h in zip(live, out):
+                        if h is not None:
+                            hv[i] = h
                     products.append(hv)
                 self.resolved = "autograd"
                 return loss, [g.detach() for g in _grads_or_zeros(grads, params)], products

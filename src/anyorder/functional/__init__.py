@@ -9,7 +9,7 @@ from anyorder.functional.adam import adam_
 from anyorder.functional.diffgrad import diffgrad_
 from anyorder.functional.lion import lion_
 from anyorder.functional.sgd import sgd_
-from anyorder.functional.sophia import ema_, sophia_
+from anyorder.functional.sophia import ema_, sophia_, sophia_clip_count
 
 __all__ = [
     "adahessian_",
@@ -19,5 +19,6 @@ __all__ = [
     "lion_",
     "sgd_",
     "sophia_",
+    "sophia_clip_count",
     "spatial_average_",
 ]

@@ -21,7 +21,7 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Euclidean norm over a list of tensors, as a 0-dim float64 tensor (no host sync)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)), dtype=torch.float64)
 
 
 class CurvatureOptimizer(AnyOrderOptimizer):
@@ -88,30 +88,102 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         self.global_state["evaluations"] += 1
         return est
 
-    def _finite(self, loss: torch.Tensor | None, diagonal: list[torch.Tensor] | None) -> bool:
-        """Apply the non-finite policy to the loss and (if given) the new diagonal's norm."""
+    def _evaluate(
+        self,
+        closure: Callable[..., Any],
+        items: list[tuple[int, torch.Tensor, dict[str, Any]]],
+        step: int,
+        refresh: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor] | None]:
+        """``(loss, grads, diagonal)`` of this step: the estimator's (it differentiates the
+        closure itself) when ``refresh``, else ``closure(backward=True)`` and ``.grad`` with no
+        diagonal."""
+        if refresh:
+            est = self._estimate(closure, items, step)
+            self._telemetry["hvp_method"] = est.method
+            return est.loss, list(est.grads), est.diagonal
+        loss = self._first_order_loss(closure)
+        return loss, [p.grad for _, p, _ in items], None
+
+    def _mark_refreshed(self, step: int) -> None:
+        """Record a refresh of the curvature estimate on ``step``."""
+        self.global_state["refreshed_period"] = step // self.update_every
+        self.global_state["hessian_refreshes"] += 1
+        self._telemetry["refreshed"] = True
+
+    def _finite(
+        self, loss: torch.Tensor | None, diagonal: list[torch.Tensor] | None
+    ) -> tuple[bool, torch.Tensor | None]:
+        """Apply the non-finite policy to the loss and (if given) the new diagonal's norm.
+
+        Returns ``(proceed, norm of the diagonal)`` (the norm ``None`` without a diagonal), so
+        that a caller can reuse the norm as telemetry."""
         values = [] if loss is None else [float(loss)]
+        norm = None
         if diagonal is not None:
-            norm = float(total_norm(diagonal)) if diagonal else math.nan
-            values.append(norm)
-        return not values or self.loss_is_finite(*values)
+            norm = total_norm(diagonal) if diagonal else None
+            values.append(math.nan if norm is None else float(norm))
+        return (not values or self.loss_is_finite(*values)), norm
 
     def _state(self, p: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """The state tensors ``names`` of ``p``, created as zeros on first use."""
         state = self.state[p]
+        out = []
         for name in names:
-            if name not in state:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return [state[name] for name in names]
+            t = state.get(name)
+            if t is None:
+                t = state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(t)
+        return out
+
+    def _grouped(
+        self,
+        items: list[tuple[int, torch.Tensor, dict[str, Any]]],
+        grads: list[torch.Tensor | None],
+        names: tuple[str, ...],
+        extra: list[torch.Tensor] | None = None,
+    ) -> list[tuple[dict[str, Any], list[list[torch.Tensor]]]]:
+        """The parameters with a gradient sorted into their groups, in one pass:
+        ``(group, [params, grads, *state tensors per name, extra])`` per group (``extra``,
+        one tensor per item, is split the same way when given)."""
+        chosen: dict[int, tuple[dict[str, Any], list[list[torch.Tensor]]]] = {}
+        width = 2 + len(names) + (extra is not None)
+        for k, ((_, p, group), g) in enumerate(zip(items, grads)):
+            if g is None:
+                continue
+            entry = chosen.get(id(group))
+            if entry is None:
+                entry = chosen[id(group)] = (group, [[] for _ in range(width)])
+            columns = entry[1]
+            columns[0].append(p)
+            columns[1].append(g)
+            for j, t in enumerate(self._state(p, names)):
+                columns[2 + j].append(t)
+            if extra is not None:
+                columns[-1].append(extra[k])
+        return list(chosen.values())
 
     @staticmethod
     def _set_grads(items: list[tuple[int, torch.Tensor, dict[str, Any]]], grads) -> None:
         for (_, p, _), g in zip(items, grads):
             p.grad = g
 
+    def _materialize(self, key: str) -> None:
+        """Compute the lazy telemetry figure ``key`` now (before its inputs change in place)."""
+        value = self._telemetry.get(key)
+        if callable(value):
+            self._telemetry[key] = value()
+
     @property
     def telemetry(self) -> dict[str, Any]:
-        """Figures of the last step as Python values (see the subclass for the keys)."""
+        """Figures of the last step as Python values (see the subclass for the keys).
+
+        Figures that cost reductions over every parameter are stored as zero-argument
+        callables over the optimizer's state and computed here, on first read: a training loop
+        that never reads them never pays for them."""
         out = {}
-        for key, value in self._telemetry.items():
+        for key in list(self._telemetry):
+            self._materialize(key)
+            value = self._telemetry[key]
             out[key] = float(value) if isinstance(value, torch.Tensor) else value
         return out

@@ -101,43 +101,29 @@ class AdaHessian(CurvatureOptimizer):
         step = int(self.global_state["step"])
         items = self._items()
         self._telemetry["refreshed"] = False
-        diagonal: list[torch.Tensor] | None = None
-        if self.hessian_due:
-            est = self._estimate(closure, items, step)
-            loss, grads, diagonal = est.loss, est.grads, est.diagonal
-            self._telemetry["hvp_method"] = est.method
-        else:
-            loss = self._first_order_loss(closure)
-            grads = [p.grad for _, p, _ in items]
-        if not self._finite(loss, diagonal):
+        loss, grads, diagonal = self._evaluate(closure, items, step, self.hessian_due)
+        proceed, norm = self._finite(loss, diagonal)
+        if not proceed:
             self.global_state["step"] = step + 1
             return loss
         if diagonal is not None:
             self._set_grads(items, grads)
-            if self.spatial_average:
+            if self.spatial_average and any(d.dim() >= 3 for d in diagonal):
                 diagonal = spatial_average_(diagonal)
-            self.global_state["refreshed_period"] = step // self.update_every
-            self.global_state["hessian_refreshes"] += 1
-            self._telemetry["hessian_norm"] = total_norm(diagonal)
-            self._telemetry["refreshed"] = True
+                norm = total_norm(diagonal)
+            self._mark_refreshed(step)
+            self._telemetry["hessian_norm"] = norm
         updates = int(self.global_state["updates"]) + 1
         refreshes = int(self.global_state["hessian_refreshes"])
-        for group in self.param_groups:
-            chosen = [
-                (p, g, None if diagonal is None else diagonal[k])
-                for k, ((_, p, grp), g) in enumerate(zip(items, grads))
-                if grp is group and g is not None
-            ]
-            if not chosen:
-                continue
-            params = [p for p, _, _ in chosen]
-            states = [self._state(p, ("exp_avg", "exp_hessian_sq")) for p in params]
+        names = ("exp_avg", "exp_hessian_sq")
+        for group, columns in self._grouped(items, grads, names, diagonal):
+            params, grad_list, exp_avgs, exp_hessian_sqs = columns[:4]
             adahessian_(
                 params,
-                [g for _, g, _ in chosen],
-                [s[0] for s in states],
-                [s[1] for s in states],
-                None if diagonal is None else [d for _, _, d in chosen],
+                grad_list,
+                exp_avgs,
+                exp_hessian_sqs,
+                None if diagonal is None else columns[4],
                 step=updates,
                 hessian_step=max(refreshes, 1),
                 lr=group["lr"],

@@ -24,19 +24,30 @@ parametrisation ``lr' clip(m / max(h, eps), rho')``, which is ours with ``lr' = 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 
 from anyorder.curvature.gauss_newton import GaussNewtonBartlett
 from anyorder.curvature.hutchinson import HutchinsonDiagonal
-from anyorder.functional.sophia import ema_, sophia_
+from anyorder.functional.sophia import ema_, sophia_, sophia_clip_count
 from anyorder.optim._common import check_betas, check_nonnegative, check_positive_int
 from anyorder.optim._curvature import CurvatureOptimizer, total_norm
 
 __all__ = ["Sophia", "SOPHIA_ESTIMATORS"]
 
 SOPHIA_ESTIMATORS = ("hutchinson", "gnb")
+_MOMENTS = ("exp_avg", "hessian")
+
+
+def _clip_fraction(
+    groups: list[tuple[list[torch.Tensor], list[torch.Tensor], float, float]],
+) -> float:
+    """Share of the coordinates of ``(exp_avgs, hessians, rho, eps)`` groups that Sophia clips."""
+    count = sum(float(sophia_clip_count(m, h, rho=rho, eps=eps)) for m, h, rho, eps in groups)
+    total = sum(t.numel() for m, _, _, _ in groups for t in m)
+    return count / total
 
 
 class Sophia(CurvatureOptimizer):
@@ -61,7 +72,7 @@ class Sophia(CurvatureOptimizer):
         seed: seed of the probes / GNB's sampled labels, keyed by (seed, step).
         hvp: Hessian-vector products: ``"auto"``, ``"autograd"`` or ``"finite_difference"``
             (see :mod:`anyorder.curvature.hvp`).
-        track_stats: compute :attr:`telemetry`'s clip fraction every step.
+        track_stats: offer :attr:`telemetry`'s clip fraction (computed when read, see below).
         on_nonfinite: ``"skip"`` or ``"raise"`` (see :class:`anyorder.core.AnyOrderOptimizer`).
 
     Usage. Sophia-H: ``opt.step(closure)`` every step (``closure(backward=False)`` is
@@ -75,7 +86,9 @@ class Sophia(CurvatureOptimizer):
 
     Telemetry (:attr:`telemetry` after each step): ``clip_fraction`` (share of coordinates whose
     step was clipped to ``lr``), ``hessian_norm`` (Euclidean norm of the Hessian EMA h),
-    ``refreshed`` (whether this step refreshed h) and ``hvp_method``.
+    ``refreshed`` (whether this step refreshed h) and ``hvp_method``. The two norms are
+    computed on first read, from the state the step left (m and h do not change until the next
+    update or refresh), so a step costs no reductions for them.
     """
 
     def __init__(
@@ -137,19 +150,12 @@ class Sophia(CurvatureOptimizer):
         return isinstance(self.estimator, GaussNewtonBartlett)
 
     def _refresh(self, items, diagonal: list[torch.Tensor]) -> None:
-        for group in self.param_groups:
-            pairs = [
-                (self._state(p, ("exp_avg", "hessian"))[1], d)
-                for (_, p, g), d in zip(items, diagonal)
-                if g is group
-            ]
-            if pairs:
-                ema_([h for h, _ in pairs], [d for _, d in pairs], group["betas"][1])
-        step = int(self.global_state["step"])
-        self.global_state["refreshed_period"] = step // self.update_every
-        self.global_state["hessian_refreshes"] += 1
+        # _grouped sorts the diagonal into the groups as it would gradients
+        for group, (_, values, _, hessians) in self._grouped(items, diagonal, _MOMENTS):
+            ema_(hessians, values, group["betas"][1])
+        self._mark_refreshed(int(self.global_state["step"]))
         hessians = [self.state[p]["hessian"] for _, p, _ in items]
-        self._telemetry["hessian_norm"] = total_norm(hessians)
+        self._telemetry["hessian_norm"] = partial(total_norm, hessians)
 
     @torch.no_grad()
     def update_hessian(self, logits: torch.Tensor, *, retain_graph: bool = True) -> None:
@@ -172,7 +178,8 @@ class Sophia(CurvatureOptimizer):
             diagonal = self.estimator.from_logits(
                 logits, [p for _, p, _ in items], step, retain_graph=retain_graph
             )
-        if self._finite(None, diagonal):
+        if self._finite(None, diagonal)[0]:
+            self._materialize("clip_fraction")  # it reads h, which the refresh changes
             self._refresh(items, diagonal)
 
     @torch.no_grad()
@@ -201,46 +208,35 @@ class Sophia(CurvatureOptimizer):
                     "(loss, logits)"
                 )
             grads = [p.grad for _, p, _ in items]
-        elif due:
-            est = self._estimate(closure, items, step)
-            loss, grads, diagonal = est.loss, est.grads, est.diagonal
-            self._telemetry["hvp_method"] = est.method
         else:
-            loss = self._first_order_loss(closure)
-            grads = [p.grad for _, p, _ in items]
-        if not self._finite(loss, diagonal):
+            loss, grads, diagonal = self._evaluate(closure, items, step, due)
+        if not self._finite(loss, diagonal)[0]:
             self.global_state["step"] = step + 1
             return loss
         if diagonal is not None:
             self._set_grads(items, grads)
+            self._telemetry.pop("clip_fraction", None)  # it reads h, which the refresh changes
             self._refresh(items, diagonal)
-            self._telemetry["refreshed"] = True
-        clipped, total = [], 0
-        for group in self.param_groups:
-            chosen = [
-                (p, g) for (_, p, grp), g in zip(items, grads) if grp is group and g is not None
-            ]
-            if not chosen:
-                continue
-            params = [p for p, _ in chosen]
-            states = [self._state(p, ("exp_avg", "hessian")) for p in params]
-            count = sophia_(
+        chosen = self._grouped(items, grads, _MOMENTS)
+        for group, (params, grad_list, exp_avgs, hessians) in chosen:
+            sophia_(
                 params,
-                [g for _, g in chosen],
-                [s[0] for s in states],
-                [s[1] for s in states],
+                grad_list,
+                exp_avgs,
+                hessians,
                 lr=group["lr"],
                 beta1=group["betas"][0],
                 rho=group["rho"],
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                count_clipped=self.track_stats,
             )
-            if count is not None:
-                clipped.append(count)
-                total += sum(p.numel() for p in params)
-        if self.track_stats and total:
-            self._telemetry["clip_fraction"] = torch.stack(clipped).sum() / total
+        if self.track_stats and chosen:
+            # Computed on first read from the state this step leaves (m updated, h as used);
+            # the next change of m or h is the next update or refresh, which replaces it.
+            self._telemetry["clip_fraction"] = partial(
+                _clip_fraction,
+                [(cols[2], cols[3], group["rho"], group["eps"]) for group, cols in chosen],
+            )
         self.global_state["step"] = step + 1
         self.global_state["updates"] += 1
         return loss

@@ -9,7 +9,9 @@ A task declares what it *provides* so the runner knows which optimizers apply:
 * ``"vector"``: a function of one flat vector, also evaluable on a batch of points ``(n, d)`` by
   :meth:`FunctionTask.batched`;
 * ``"population"``: small enough that evaluating a swarm of tens of parameter vectors per step is
-  affordable (for particle methods such as consensus-based optimization).
+  affordable (for particle methods such as consensus-based optimization);
+* ``"logits"``: a classifier whose loss is the mean cross-entropy of its logits;
+  :meth:`Task.loss_and_logits` returns both (for Sophia-G's Gauss-Newton-Bartlett estimator).
 
 Function tasks wrap their point in :class:`PointModule`, so the runner and every optimizer see an
 ``nn.Module`` either way.
@@ -97,6 +99,11 @@ class Task(ABC):
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         """``(objective, metric)`` after training: the deterministic training objective (the
         runner's ``final_loss``) and the held-out metric named ``metric_name``."""
+
+    def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, logits)`` on ``batch``, for tasks that provide ``"logits"``: logits of shape
+        ``(..., classes)`` whose mean cross-entropy over the positions is the loss's data term."""
+        raise NotImplementedError(f"task {self.name!r} does not provide logits")
 
 
 class ModelTask(Task):

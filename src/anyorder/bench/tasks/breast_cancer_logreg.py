@@ -87,7 +87,7 @@ class BreastCancerLogReg(ModelTask):
     description = (
         "sklearn breast cancer, L2 logistic regression (convex); metric: gap to L-BFGS optimum"
     )
-    provides = frozenset({"values", "gradients", "model", "population"})
+    provides = frozenset({"values", "gradients", "model", "population", "logits"})
     metric_name = "suboptimality_gap"
     higher_is_better = False
     default_steps: ClassVar[dict[str, int]] = {"quick": 300, "full": 3000}
@@ -109,6 +109,13 @@ class BreastCancerLogReg(ModelTask):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         return objective(model.weight, model.bias, x, y, float(self.options["l2"]))
+
+    def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective and the two-class logits (0, z): their softmax is
+        (1 - sigmoid(z), sigmoid(z)), so their cross-entropy is the logistic loss (the L2 term,
+        whose curvature is the constant l2, is not part of it)."""
+        z = model(batch[0]).reshape(-1)
+        return self.loss(model, batch), torch.stack([torch.zeros_like(z), z], dim=-1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:

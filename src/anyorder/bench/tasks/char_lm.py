@@ -55,6 +55,7 @@ class CharLM(ModelTask):
     """GPT-2 (tiny config) on characters; loss: cross-entropy in nats; metric: held-out bits/char."""
 
     name = "char-lm"
+    provides = frozenset({"values", "gradients", "model", "logits"})
     description = (
         "GPT-2 (transformers, tiny config) on Shakespeare characters; metric: held-out bits/char"
     )
@@ -109,9 +110,13 @@ class CharLM(ModelTask):
             yield self._windows(train, starts)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss_and_logits(model, batch)[0]
+
+    def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
         logits = model(input_ids=inputs).logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss, logits
 
     def _mean_loss(self, model: nn.Module, ids: torch.Tensor, starts: torch.Tensor) -> float:
         total, batch = 0.0, 64

@@ -35,7 +35,7 @@ class DigitsMLP(ModelTask):
 
     name = "digits-mlp"
     description = "sklearn digits 8x8, MLP 64-h-10, cross-entropy; metric: held-out accuracy"
-    provides = frozenset({"values", "gradients", "model", "population"})
+    provides = frozenset({"values", "gradients", "model", "population", "logits"})
     metric_name = "test_accuracy"
     higher_is_better = True
     default_steps: ClassVar[dict[str, int]] = {"quick": 300, "full": 3000}
@@ -56,8 +56,12 @@ class DigitsMLP(ModelTask):
         return minibatches(x, y, int(self.options["batch_size"]), generator)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss_and_logits(model, batch)[0]
+
+    def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        return F.cross_entropy(model(x), y)
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:

@@ -164,6 +164,7 @@ class TextFinetune(ModelTask):
     """all-MiniLM-L6-v2 + linear head on fresh/rotten reviews; cross-entropy; metric: accuracy."""
 
     name = "text-finetune"
+    provides = frozenset({"values", "gradients", "model", "logits"})
     description = (
         "all-MiniLM-L6-v2 (22.7M, pretrained) mean-pooled + linear head, fine-tuned on Rotten "
         "Tomatoes fresh/rotten snippets, cross-entropy; metric: held-out accuracy"
@@ -199,8 +200,12 @@ class TextFinetune(ModelTask):
                 yield self._batch(perm[start : start + batch])
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss_and_logits(model, batch)[0]
+
+    def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, labels = batch
-        return F.cross_entropy(model(ids, mask), labels)
+        logits = model(ids, mask)
+        return F.cross_entropy(logits, labels), logits
 
     def eval_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """The fixed training subset of the objective and the held-out examples scored."""
