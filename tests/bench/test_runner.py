@@ -238,3 +238,19 @@ def test_an_optimizer_that_raises_is_recorded_and_the_suite_goes_on():
         del OPTIMIZERS["broken-test-only"]
     assert broken.diverged and broken.steps == 0 and broken.error == "RuntimeError: broken step"
     assert not sgd.diverged and sgd.steps == 5
+
+
+@pytest.mark.parametrize(
+    "optimizer,internal",
+    [
+        ("adamw", 0),
+        ("sophia", 2),  # double-backward products on the refresh steps 0 and 10 (one probe)
+        ("sophia-g", 2),  # backward from sampled labels on the same steps
+        ("adahessian", 12),  # one probe every step
+    ],
+)
+def test_backward_evals_include_the_passes_an_optimizer_makes_on_its_own(optimizer, internal):
+    (run,) = plan_suite(tasks=["breast-cancer-logreg"], optimizers=[optimizer], steps=12)
+    result = run_one(run, seed=0)
+    assert result.forward_evals == 12
+    assert result.backward_evals == 12 + internal

@@ -239,6 +239,13 @@ def _forward_count(opt: torch.optim.Optimizer, counter: EvalCounter) -> int:
     return int(population) if population is not None else counter.forward
 
 
+def _backward_count(opt: torch.optim.Optimizer, counter: EvalCounter) -> int:
+    """Backward passes so far: through the closure's loss (the counter's hook) plus those an
+    optimizer makes on its own (double-backward Hessian-vector products, Sophia-G's backward from
+    sampled labels), which it reports as ``internal_backward_passes``."""
+    return counter.backward + int(getattr(opt, "internal_backward_passes", 0))
+
+
 def _task_closure(
     task: Task,
     model: torch.nn.Module,
@@ -428,9 +435,9 @@ def run_one(
         peak_memory_bytes=mem_peak,
         inference_peak_memory_bytes=inf_peak,
         forward_evals=_forward_count(opt, counter),
-        backward_evals=counter.backward,
+        backward_evals=_backward_count(opt, counter),
         forward_evals_per_step=_forward_count(opt, counter) / max(done, 1),
-        backward_evals_per_step=counter.backward / max(done, 1),
+        backward_evals_per_step=_backward_count(opt, counter) / max(done, 1),
         diverged=diverged,
         error=error,
         history=[

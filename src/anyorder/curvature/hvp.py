@@ -140,6 +140,9 @@ class HVPEngine:
         #: The method in use: ``None`` until the first product under ``"auto"``.
         self.resolved: str | None = None if method == "auto" else method
         self.warned = False
+        #: Hessian-vector products taken by double backward so far (finite-difference ones
+        #: call the closure instead, where a caller can count them).
+        self.products = 0
 
     def _fall_back(self, err: BaseException) -> None:
         self.resolved = "finite_difference"
@@ -193,6 +196,7 @@ class HVPEngine:
                             retain_graph=k < len(vectors) - 1,
                             allow_unused=True,
                         )
+                        self.products += 1
                     if every and all(h is not None for h in out):
                         products.append(list(out))
                         continue
