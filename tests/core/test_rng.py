@@ -10,7 +10,7 @@ from anyorder.core.rng import (
     CHUNK,
     DISTRIBUTIONS,
     _prefix,
-    _rademacher,
+    _rademacher_chunks,
     add_direction_,
     add_directions_,
     derive_seed,
@@ -132,11 +132,15 @@ def test_rademacher_element_e_is_bit_e_mod_64_of_word_e_div_64():
     assert z.tolist() == expected
 
 
-def test_rademacher_ranges_do_not_depend_on_where_chunks_start():
+def test_rademacher_directions_do_not_depend_on_the_chunk_size():
+    # Chunks of 64 and 128 elements cross word blocks (16 chunks) inside this tensor.
     key = _prefix(4, 4, 4, 4)
-    whole = _rademacher(key, 0, 1000, torch.device("cpu"))
-    for start, end in [(0, 1), (3, 70), (64, 128), (65, 999), (130, 1000)]:
-        assert torch.equal(_rademacher(key, start, end, torch.device("cpu")), whole[start:end])
+    n = 40 * 64 + 7
+    expected = direction((n,), 4, 4, 4, 4, distribution="rademacher")
+    for size in (64, 128, CHUNK):
+        parts = list(_rademacher_chunks(key, n, size, torch.device("cpu")))
+        assert parts[0][:2] == (0, min(size, n)) and parts[-1][1] == n
+        assert torch.equal(torch.cat([z for _, _, z in parts]), expected), size
 
 
 @pytest.mark.parametrize("n", [1, 31, 63, 64, 65, 1000, CHUNK + 7])

@@ -150,14 +150,6 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
     return z.bitwise_xor_(_shift_right(z, 31))
 
 
-def _rademacher(key: int, start: int, end: int, device: torch.device) -> torch.Tensor:
-    """Elements ``start .. end - 1`` of the Rademacher direction keyed by ``key`` (float32)."""
-    first, last = start // 64, (end + 63) // 64
-    signs = _signs(rademacher_words(key, first, last - first, device))
-    offset = start - 64 * first
-    return signs[offset : offset + end - start]
-
-
 #: Chunks whose words are computed together on the torch path (integer ops on a few thousand
 #: words are bound by per-op overhead; 16 chunks of words are 128 KiB).
 _WORD_BLOCK = 16
@@ -243,15 +235,14 @@ def direction_chunks(
     prefix = _prefix(seed, step, query, index)  # mixed once per tensor, then once per chunk
     device = torch.device(device)
     draw_device = device if draw_on_device else _CPU
-    gen = torch.Generator(device=draw_device)
     cast = dtype != torch.float32 or draw_device != device
     size = CHUNK if draw_device.type == "cpu" else DEVICE_CHUNK
-    kind = "gaussian" if distribution == "sphere" else distribution
 
     def chunks() -> Iterator[tuple[int, int, torch.Tensor]]:
-        if kind == "rademacher":
+        if distribution == "rademacher":
             yield from _rademacher_chunks(prefix, numel, size, draw_device)
             return
+        gen = torch.Generator(device=draw_device)  # Gaussian chunks, also for "sphere"
         for k, start in enumerate(range(0, numel, size)):
             end = min(start + size, numel)
             gen.manual_seed(_splitmix64(prefix ^ k) >> 1)
@@ -353,17 +344,15 @@ def add_directions_(
             flat = flats[t]
             if flat.dtype in (torch.float32, torch.float64) and flat.numel() <= CHUNK:
                 batches.setdefault((flat.device, flat.dtype), []).append(t)
-        if batches:
-            prefix = _stream_prefix(seed, step, query)
-            for members in batches.values():
-                _add_small_rademacher_(
-                    [flats[t] for t in members],
-                    [alphas[t] for t in members],
-                    [decays[t] for t in members],
-                    [_splitmix64(prefix ^ (indices[t] & _MASK64)) for t in members],
-                )
-            done = {t for members in batches.values() for t in members}
-            rest = [t for t in rest if t not in done]
+        for members in batches.values():
+            _add_small_rademacher_(
+                [flats[t] for t in members],
+                [alphas[t] for t in members],
+                [decays[t] for t in members],
+                [_prefix(seed, step, query, indices[t]) for t in members],
+            )
+        done = {t for members in batches.values() for t in members}
+        rest = [t for t in rest if t not in done]
     for t in rest:
         add_direction_(
             flats[t],

@@ -37,7 +37,6 @@ import torch
 from anyorder.core.rng import (
     CHUNK,
     DISTRIBUTIONS,
-    add_direction_,
     add_directions_,
     direction_chunks,
     flat_view,
@@ -146,30 +145,6 @@ class SPSA:
         )
 
     @torch.no_grad()
-    def add_(
-        self,
-        index: int,
-        p: torch.Tensor,
-        step: int,
-        query: int,
-        alpha: float,
-        decay: float = 1.0,
-    ) -> None:
-        """p <- decay * p + alpha * z, for tensor ``index``'s direction of ``(step, query)``: one
-        pass over ``p`` (:func:`anyorder.core.rng.add_direction_`)."""
-        add_direction_(
-            flat_view(p),
-            alpha,
-            self.seed,
-            step,
-            query,
-            index,
-            distribution=self.resolve_distribution(p.device),
-            decay=decay,
-            draw_on_device=not self.portable,
-        )
-
-    @torch.no_grad()
     def add_many_(
         self,
         params: IndexedParams,
@@ -178,9 +153,9 @@ class SPSA:
         alphas: Sequence[float],
         decays: Sequence[float] | None = None,
     ) -> None:
-        """:meth:`add_` for every ``(index, p)`` of ``params`` (``alphas[t]``, ``decays[t]`` for
-        the t-th), in one call of the compiled kernel where it applies
-        (:func:`anyorder.core.rng.add_directions_`)."""
+        """p <- decays[t] * p + alphas[t] * z_t for the t-th ``(index, p)`` of ``params``, z_t its
+        direction of ``(step, query)``: one pass over the weights, in one call of the compiled
+        kernel where it applies (:func:`anyorder.core.rng.add_directions_`)."""
         add_directions_(
             [flat_view(p) for _, p in params],
             alphas,

@@ -106,17 +106,12 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             out[i] = laid_out
         return out
 
-    def _fused_update_all(
-        self, indexed: list[tuple[int, torch.Tensor, dict[str, Any]]], sample: SPSASample
-    ) -> bool:
-        """Restore and update every tensor in one pass if the rule allows; ``True`` if done."""
-        return False
-
     def _fused_update(
-        self, index: int, p: torch.Tensor, group: dict[str, Any], sample: SPSASample
-    ) -> bool:
-        """Restore and update tensor ``index`` in one pass if the rule allows; ``True`` if done."""
-        return False
+        self, indexed: list[tuple[int, torch.Tensor, dict[str, Any]]], sample: SPSASample
+    ) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+        """Restore and update, in one pass over the weights, the tensors whose rule allows it;
+        return the others (all of them by default)."""
+        return indexed
 
     def _buffers(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The rule's state tensors for ``p`` (created on first use), laid out like ``p``."""
@@ -163,11 +158,8 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             return sample.mean_loss
         self.global_state["updates"] += 1
         sums = [0.0, 0.0, 0.0]  # probe: <estimate, gradient>, |estimate|^2, |gradient|^2
-        if true_grads is None and self._fused_update_all(indexed, sample):
-            return sample.mean_loss
-        for i, p, group in indexed:
-            if true_grads is None and self._fused_update(i, p, group, sample):
-                continue
+        rest = indexed if true_grads is not None else self._fused_update(indexed, sample)
+        for i, p, group in rest:
             chunks = self.estimator.finish_chunks(i, p, sample)
             if true_grads is not None:
                 chunks = _probed(chunks, flat_view(true_grads[i]), sums)
@@ -307,33 +299,25 @@ class ZOSGD(_ZeroOrderOptimizer):
             portable_directions=portable_directions,
         )
 
-    @staticmethod
-    def _restore_and_update(group: dict[str, Any], sample: SPSASample) -> tuple[float, float]:
-        """Plain SGD with one query: w <- (1 - lr wd)(w + pending z) - lr g z, so the restore
-        and the update share one draw of z and one pass over the weights: (coefficient of z,
-        decay)."""
-        lr, wd = group["lr"], group["weight_decay"]
-        return (1 - lr * wd) * sample.pending - lr * sample.projected[0], 1 - lr * wd
-
-    def _fused_update_all(self, indexed, sample):
-        if len(sample.projected) != 1 or any(g["momentum"] != 0 for _, _, g in indexed):
-            return False
-        rules = [self._restore_and_update(group, sample) for _, _, group in indexed]
+    def _fused_update(self, indexed, sample):
+        # Plain SGD with one query: w <- (1 - lr wd)(w + pending z) - lr g z, so the restore and
+        # the update share one draw of z and one pass over the weights (one kernel call for all
+        # momentum-free tensors).
+        if len(sample.projected) != 1:
+            return indexed
+        fused = [(i, p, g) for i, p, g in indexed if g["momentum"] == 0]
+        decays = [1 - g["lr"] * g["weight_decay"] for _, _, g in fused]
         self.estimator.add_many_(
-            [(i, p) for i, p, _ in indexed],
+            [(i, p) for i, p, _ in fused],
             sample.step,
             0,
-            [coef for coef, _ in rules],
-            [decay for _, decay in rules],
+            [
+                d * sample.pending - g["lr"] * sample.projected[0]
+                for d, (_, _, g) in zip(decays, fused)
+            ],
+            decays,
         )
-        return True
-
-    def _fused_update(self, index, p, group, sample):
-        if group["momentum"] != 0 or len(sample.projected) != 1:
-            return False
-        coef, decay = self._restore_and_update(group, sample)
-        self.estimator.add_(index, p, sample.step, 0, coef, decay=decay)
-        return True
+        return [(i, p, g) for i, p, g in indexed if g["momentum"] != 0]
 
     def _buffers(self, p, group):
         if group["momentum"] == 0:
