@@ -193,6 +193,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from anyorder.bench.tasks.base import MissingDataError
 
     out = args.out or Path("anyorder-bench") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
     try:
         config = load_config(args.config) if args.config else {}
         plan = plan_suite(
@@ -203,20 +207,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             config=config,
             time_budget_s=args.time_budget,
-            log=lambda message: print(message, file=sys.stderr),
+            log=log,
         )
+        if args.distributed is not None and args.device != "cpu":
+            raise UsageError("--distributed runs on CPU processes (gloo); drop --device")
         out_dir = prepare_out_dir(out)
     except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:
         raise UsageError(str(err)) from err
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr)
-
     if args.distributed is not None:
         from anyorder.bench.distributed import format_distributed_table, run_distributed
 
-        if args.device != "cpu":
-            raise UsageError("--distributed runs on CPU processes (gloo); drop --device")
         try:
             data = run_distributed(plan, args.distributed, out_dir, seed=args.seed, log=log)
         except ValueError as err:

@@ -171,8 +171,12 @@ def test_missing_or_plain_closure_is_explained():
 
     with pytest.raises(TypeError, match="backward=False"):
         Sophia(model.parameters()).step(plain)
-    SAM(model.parameters(), lr=0.1).step(plain)  # SAM takes plain torch closures
-    Lion(model.parameters()).step(plain)
+    for opt in (SAM(model.parameters(), lr=0.1), Lion(model.parameters())):  # plain closures too
+        before = [p.detach().clone() for p in model.parameters()]
+        expected = float(F.cross_entropy(model(x), y))
+        model.zero_grad()
+        assert float(opt.step(plain)) == pytest.approx(expected, rel=1e-6)
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     gnb = Sophia(model.parameters(), estimator="gnb")
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()

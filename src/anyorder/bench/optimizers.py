@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from anyorder.bench.registry import register_optimizer
-from anyorder.optim import CBO, ZOSGD, ZOAdam
+from anyorder.optim import CBO, MFAC, SAM, ZOSGD, AdaHessian, DiffGrad, Lion, Sophia, ZOAdam
 
 register_optimizer(
     "sgd",
@@ -125,7 +125,6 @@ register_optimizer(
 # "sophia-g" uses the Gauss-Newton-Bartlett estimator, which needs the logits: it runs on the
 # tasks that provide "logits" (the classifiers; the runner's closure then returns (loss, logits))
 # and is skipped on the function tasks. It needs no double backward, so it runs on every model.
-from anyorder.optim import MFAC, SAM, AdaHessian, DiffGrad, Lion, Sophia  # noqa: E402
 
 register_optimizer(
     "sophia",

@@ -12,12 +12,11 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from anyorder.bench.runner import HistoryPoint, RunResult, SuiteResult
+from anyorder.core.files import atomic_write
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -71,21 +70,6 @@ def prepare_out_dir(path: str | Path) -> Path:
         )
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(value: Any) -> str:

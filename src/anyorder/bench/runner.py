@@ -416,6 +416,7 @@ def run_one(
         final_loss, metric = task.evaluate(model)
         diverged = not math.isfinite(final_loss)
     done = len(history)
+    forwards, backwards = _forward_count(opt, counter), _backward_count(opt, counter)
     return RunResult(
         task=task.name,
         optimizer=run.spec.name,
@@ -434,10 +435,10 @@ def run_one(
         inference_time_s=_finite_or_none(inf_time),
         peak_memory_bytes=mem_peak,
         inference_peak_memory_bytes=inf_peak,
-        forward_evals=_forward_count(opt, counter),
-        backward_evals=_backward_count(opt, counter),
-        forward_evals_per_step=_forward_count(opt, counter) / max(done, 1),
-        backward_evals_per_step=_backward_count(opt, counter) / max(done, 1),
+        forward_evals=forwards,
+        backward_evals=backwards,
+        forward_evals_per_step=forwards / max(done, 1),
+        backward_evals_per_step=backwards / max(done, 1),
         diverged=diverged,
         error=error,
         history=[

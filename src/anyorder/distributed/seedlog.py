@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from anyorder.core.files import atomic_write
 
 __all__ = ["atomic_save", "SeedLog", "LogEntry"]
 
@@ -27,18 +28,7 @@ LogEntry = tuple[int, list[int], list[float]]
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
     then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class SeedLog:
@@ -83,12 +73,7 @@ class SeedLog:
         """Drop entries older than ``step`` (after a checkpoint at ``step``), atomically."""
         kept = [json.dumps({"step": s, "q": q, "g": g}) + "\n" for s, q, g in self.entries(step)]
         self.close()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(kept).encode("utf-8"))
 
     def close(self) -> None:
         if self._fh is not None:

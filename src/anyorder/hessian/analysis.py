@@ -29,16 +29,17 @@ from anyorder.hessian.results import (
     SpectralDensity,
     Spectrum,
     TraceEstimate,
-    to_jsonable,
+    _Serialisable,
 )
-from anyorder.hessian.sensitivity import allocate_bits, layer_sensitivity
+from anyorder.hessian.sensitivity import allocate_bits, layer_sensitivity, parameter_layers
 
 __all__ = ["HessianReport", "analyse_task", "write_hessian_report", "format_summary"]
 
 
 @dataclass(frozen=True)
-class HessianReport:
-    """Everything ``anyorder hessian`` measures on one task (JSON via ``to_dict``)."""
+class HessianReport(_Serialisable):
+    """Everything ``anyorder hessian`` measures on one task (JSON via ``to_dict``, the
+    ``hessian.json`` schema)."""
 
     task: str
     seed: int
@@ -55,10 +56,6 @@ class HessianReport:
     batch_size_advice: tuple[BatchSizeAdvice, ...]
     batch_size_note: str | None
     seconds: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the ``hessian.json`` schema)."""
-        return {k: to_jsonable(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
 def _stage_timer() -> tuple[dict[str, float], Callable[[str], None]]:
@@ -104,7 +101,7 @@ def analyse_task(
 
     op = Hessian(model, identity, batches, forward=forward, cache=True)
     has_bs = "batch_size" in task.option_defaults()
-    layer_count = len([m for m in model.modules() if any(True for _ in m.parameters(False))])
+    layer_count = len(parameter_layers(model))
     stages = 5 + layer_count + (1 if has_bs else 0)
     seconds, mark = _stage_timer()
     with tqdm(total=stages, disable=not progress, unit="stage", dynamic_ncols=True) as bar:
@@ -133,6 +130,7 @@ def analyse_task(
             forward=forward,
             matvecs=max(5, matvecs // 3),
             seed=seed,
+            cache=True,
             progress=lambda _name: bar.update(),
         )
         stage("bit allocation")
@@ -215,7 +213,7 @@ def write_hessian_report(report: HessianReport, out_dir: str | Path) -> dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from anyorder.bench.report import atomic_write
+    from anyorder.core.files import atomic_write
 
     out = Path(out_dir)
     paths = {"json": out / "hessian.json", "density": out / "density.png"}

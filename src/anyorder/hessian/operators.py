@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from anyorder.curvature.hvp import is_double_backward_error
+
 __all__ = [
     "CurvatureOperator",
     "MatrixOperator",
@@ -466,6 +468,8 @@ class Hessian(ModelOperator):
         try:
             blocks = _grad(grads, self.params, parts, batched=True)
         except RuntimeError as err:
+            if not is_double_backward_error(err):  # e.g. out of memory: not a reason to fall back
+                raise
             self._fall_back(str(err).strip().splitlines()[0])
             blocks = self._fd_blocks(batch, parts)
         return flatten_batched(blocks, vs.shape[0])

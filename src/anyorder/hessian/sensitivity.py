@@ -51,11 +51,13 @@ def layer_sensitivity(
     matvecs: int = 60,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    cache: bool | None = None,
 ) -> tuple[LayerSensitivity, ...]:
     """Trace of each layer's diagonal Hessian block and its average eigenvalue ``trace / n``
     (HAWQ-V2's sensitivity, Dong et al. 2020), with standard errors; ``matvecs`` products per
     layer. ``layers``: module names (default: :func:`parameter_layers`). ``progress(name)`` is
-    called before each layer."""
+    called before each layer. ``cache``: keep each layer operator's gradient graphs between
+    products, as :class:`Hessian` (default: only for a single batch)."""
     found = dict(parameter_layers(model))
     names = list(found) if layers is None else list(layers)
     out = []
@@ -68,7 +70,7 @@ def layer_sensitivity(
             progress(name)
         module = found[name]
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        op = Hessian(model, loss_fn, data, params=params, forward=forward)
+        op = Hessian(model, loss_fn, data, params=params, forward=forward, cache=cache)
         est = trace(op, method=method, matvecs=matvecs, seed=seed + i)
         n = op.size
         out.append(
