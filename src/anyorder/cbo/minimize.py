@@ -23,6 +23,7 @@ from anyorder.cbo.dynamics import (
     batch_consensus,
     cbo_update_,
     consensus,
+    particle_variance,
     random_batch_step,
     sanitize_energies,
 )
@@ -279,7 +280,7 @@ def minimize(
             if record or batch_size is None:
                 centre, weights = consensus(x, energies, alpha)
             if record:
-                spread = torch.linalg.vector_norm(x - centre)
+                variance = float(particle_variance(x, centre))
                 energy = weights @ energies.nan_to_num(posinf=0.0)  # weight 0 for +inf
             if batch_size is None:
                 cbo_update_(x, centre, drift_coef, noise_coef, noise, generator)
@@ -297,7 +298,7 @@ def minimize(
                 history["consensus"].append(centre)
                 history["energy"].append(energy)
                 history["best"].append(low)
-                history["variance"].append(spread.item() ** 2 / n)
+                history["variance"].append(variance)
                 history["alpha"].append(alpha)
             alpha = min(alpha * alpha_factor, alpha_max)
             if not record:

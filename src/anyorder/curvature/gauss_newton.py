@@ -31,7 +31,12 @@ import torch.nn.functional as F
 
 from anyorder.core.rng import generator_for
 from anyorder.curvature.hutchinson import CurvatureEstimate
-from anyorder.curvature.hvp import check_scalar_loss, loss_with_graph, require_contract_closure
+from anyorder.curvature.hvp import (
+    check_scalar_loss,
+    grads_or_zeros,
+    loss_with_graph,
+    require_contract_closure,
+)
 
 __all__ = ["GaussNewtonBartlett", "split_loss_logits"]
 
@@ -104,7 +109,7 @@ class GaussNewtonBartlett:
                 sampled, params, allow_unused=True, retain_graph=retain_graph
             )
         with torch.no_grad():
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            grads = grads_or_zeros(grads, params)
             diagonal = list(torch._foreach_mul(grads, grads))
             torch._foreach_mul_(diagonal, float(n_labels))
         return diagonal
@@ -122,7 +127,7 @@ class GaussNewtonBartlett:
         loss, logits = split_loss_logits(loss_with_graph(closure))
         loss = check_scalar_loss(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        grads = grads_or_zeros(grads, params)
         loss = loss.detach()
         if not torch.isfinite(loss):
             return CurvatureEstimate(loss, grads, [], "gnb")

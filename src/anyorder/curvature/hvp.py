@@ -101,9 +101,10 @@ def check_scalar_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-def _grads_or_zeros(
+def grads_or_zeros(
     grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
+    """``grads`` with a zero tensor (shaped like its parameter) for every unused parameter."""
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
@@ -206,15 +207,15 @@ class HVPEngine:
                             hv[i] = h
                     products.append(hv)
                 self.resolved = "autograd"
-                return loss, [g.detach() for g in _grads_or_zeros(grads, params)], products
+                return loss, [g.detach() for g in grads_or_zeros(grads, params)], products
             except (RuntimeError, NotImplementedError) as err:
                 if self.method != "auto" or not is_double_backward_error(err):
                     raise
                 self._fall_back(err)
-                flat = [g.detach() for g in _grads_or_zeros(grads, params)]
+                flat = [g.detach() for g in grads_or_zeros(grads, params)]
                 del grads
         else:
-            flat = _grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
+            flat = grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
             loss = loss.detach()
             if not math.isfinite(float(loss)):
                 return loss, flat, []
@@ -245,7 +246,7 @@ class HVPEngine:
                 with torch.no_grad():
                     torch._foreach_add_(params, list(v), alpha=h)
                 loss = check_scalar_loss(split(loss_with_graph(closure)))
-                shifted = _grads_or_zeros(
+                shifted = grads_or_zeros(
                     torch.autograd.grad(loss, params, allow_unused=True), params
                 )
                 with torch.no_grad():

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from anyorder.functional.adam import adam_moments_
+
 __all__ = ["diffgrad_"]
 
 
@@ -33,11 +35,9 @@ def diffgrad_(
     """
     if not params:
         return
-    if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    grads = adam_moments_(
+        params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, l2=weight_decay
+    )
     friction = torch._foreach_sub(previous_grads, grads)
     torch._foreach_abs_(friction)
     torch._foreach_sigmoid_(friction)
