@@ -110,6 +110,15 @@ def test_monitor_records_every_n_steps_without_changing_training():
     json.dumps(monitor.to_dict(), allow_nan=False)
 
 
+def test_monitor_warm_starts_lanczos_from_the_previous_top_eigenvector():
+    model = make_mlp(seed=3, dtype=torch.float32)
+    x, y = make_data(n=64, dtype=torch.float32)
+    monitor = HessianMonitor(model, F.cross_entropy, (x, y), tol=1e-4, max_iter=60)
+    first, second = monitor.check(), monitor.check()  # same weights, same trace budget
+    assert second.matvecs <= first.matvecs - 3
+    assert math.isclose(first.top_eigenvalue, second.top_eigenvalue, rel_tol=1e-4)
+
+
 def test_monitor_flags_crossing_two_over_lr():
     model = make_mlp(seed=3, dtype=torch.float32)
     batch = make_data(n=64, dtype=torch.float32)

@@ -277,3 +277,66 @@ def test_rtol_stops_when_the_standard_error_is_small_enough(mlp_problem, method)
     assert est.stderr <= 0.1 * abs(est.estimate) and len(est.samples) >= 4
     assert est.samples == full.samples[: len(est.samples)]  # same probes, stopped early
     assert abs(est.estimate - float(exact.trace())) <= 4 * est.stderr
+
+
+@pytest.mark.parametrize("start", ["auto", "random"])
+def test_stop_rule_error_is_within_tol_of_the_exact_top_eigenvalue(mlp_problem, start):
+    # The stop rule is an estimate (geometric mean of the Kato-Temple estimate and the last
+    # change of the Ritz value); the true error must still be below tol for every seed.
+    model, batch, _, evals = mlp_problem
+    top = float(evals[-1])
+    for tol in (1e-2, 1e-3, 1e-4):
+        for seed in range(4):
+            spec = eigenvalues(
+                Hessian(model, F.cross_entropy, batch), 1, tol=tol, seed=seed, start=start
+            )
+            assert spec.converged
+            assert abs(spec.eigenvalues[0] - top) <= tol * top, (tol, seed, spec)
+
+
+def test_gradient_start_is_the_loss_gradient_mixed_with_the_seeded_noise(mlp_problem):
+    from anyorder.hessian.lanczos import START_NOISE, random_vectors, start_vector
+    from anyorder.hessian.operators import GGN, flatten
+
+    model, batch, _, _ = mlp_problem
+    exact = flatten(
+        torch.autograd.grad(F.cross_entropy(model(batch[0]), batch[1]), list(model.parameters()))
+    )
+    noise = random_vectors(1, exact.numel(), seed=3, distribution="gaussian", dtype=exact.dtype)[0]
+    want = exact / exact.norm() + START_NOISE * noise / noise.norm()
+    hess = Hessian(model, F.cross_entropy, batch)
+    assert torch.allclose(hess.gradient(), exact, atol=1e-12)  # from the cached graph
+    halves = [(batch[0][:25], batch[1][:25]), (batch[0][25:], batch[1][25:])]
+    assert torch.allclose(GGN(model, F.cross_entropy, halves).gradient(), exact, atol=1e-12)
+    assert torch.allclose(start_vector(hess, "gradient", seed=3), want, atol=1e-12)
+    assert torch.allclose(start_vector(hess, "auto", seed=3), want, atol=1e-12)
+    # smallest eigenvalues and plain matrices start at random
+    assert torch.allclose(
+        start_vector(hess, "auto", which="smallest", seed=3), noise / noise.norm()
+    )
+    with pytest.raises(ValueError, match="model operator"):
+        start_vector(MatrixOperator(torch.eye(3)), "gradient")
+    with pytest.raises(ValueError, match="shape"):
+        start_vector(hess, torch.ones(3))
+    with pytest.raises(ValueError, match="start must be one of"):
+        eigenvalues(hess, 1, start="previous")
+
+
+def test_warm_start_from_the_top_eigenvector_needs_few_products(mlp_problem):
+    model, batch, exact, evals = mlp_problem
+    top = torch.linalg.eigh(exact).eigenvectors[:, -1]
+    cold = eigenvalues(Hessian(model, F.cross_entropy, batch), 1, tol=1e-6, start="random")
+    warm = eigenvalues(Hessian(model, F.cross_entropy, batch), 1, tol=1e-6, start=top)
+    assert math.isclose(warm.eigenvalues[0], float(evals[-1]), rel_tol=1e-6)
+    assert warm.matvecs < cold.matvecs
+
+
+def test_ritz_vectors_without_the_residual_rule(mlp_problem):
+    model, batch, _, evals = mlp_problem
+    op = Hessian(model, F.cross_entropy, batch)
+    loose = eigenvalues(op, 1, tol=1e-3, return_eigenvectors=True, strict_vectors=False)
+    strict = eigenvalues(op, 1, tol=1e-3, return_eigenvectors=True)
+    assert loose.iterations < strict.iterations  # the eigenvalue rule stops first
+    v = loose.eigenvectors[0]
+    assert math.isclose(float(v.norm()), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(v @ op.matvec(v)), loose.eigenvalues[0], rel_tol=1e-9)

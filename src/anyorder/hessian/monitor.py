@@ -39,9 +39,10 @@ class HessianMonitor:
     ``data`` is the fixed batch (or iterable of batches) measured at every check; pass a batch to
     :meth:`step` instead to measure the current one. ``lr`` is a number, or read from
     ``optimizer.param_groups[0]["lr"]`` at each check when ``optimizer`` is given (schedulers
-    are followed). A check costs about ``max_iter + trace_matvecs`` Hessian-vector products:
-    Lanczos to relative tolerance ``tol`` and a layer-blocked Hutchinson trace
-    (:func:`anyorder.hessian.trace`'s default). ``on_flag(record)`` is called when a
+    are followed). A check costs at most ``max_iter + trace_matvecs`` Hessian-vector products:
+    Lanczos to relative tolerance ``tol``, warm-started from the previous check's top
+    eigenvector (the first check starts from the loss gradient), and the trace
+    (:func:`anyorder.hessian.trace`'s default method). ``on_flag(record)`` is called when a
     flag turns on. The model's train/eval modes are restored after each check.
     """
 
@@ -76,6 +77,7 @@ class HessianMonitor:
         self.steps = 0
         self.records: list[MonitorRecord] = []
         self.seconds = 0.0
+        self._top_vector: torch.Tensor | None = None  # warm start of the next check
 
     def current_lr(self) -> float | None:
         """The learning rate the flags compare against."""
@@ -104,7 +106,17 @@ class HessianMonitor:
         op = Hessian(self.model, self.loss_fn, data, forward=self.forward)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Lanczos did not reach")
-            top = eigenvalues(op, 1, tol=self.tol, max_iter=min(self.max_iter, op.size), seed=seed)
+            top = eigenvalues(
+                op,
+                1,
+                tol=self.tol,
+                max_iter=min(self.max_iter, op.size),
+                seed=seed,
+                start="auto" if self._top_vector is None else self._top_vector,
+                return_eigenvectors=True,
+                strict_vectors=False,
+            )
+        self._top_vector = top.eigenvectors[0] if top.eigenvectors is not None else None
         tr = trace(op, matvecs=max(5, self.trace_matvecs), seed=seed)
         lr = self.current_lr()
         threshold = 2.0 / lr if lr else None
@@ -118,6 +130,7 @@ class HessianMonitor:
             eigenvalue_above=None if threshold is None else top.eigenvalues[0] > threshold,
             trace_above=None if threshold is None else tr.estimate > threshold,
             seconds=time.perf_counter() - t0,
+            matvecs=op.matvecs,
         )
         self.seconds += record.seconds
         previous = self.records[-1] if self.records else None

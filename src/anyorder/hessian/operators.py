@@ -4,7 +4,8 @@ al. 2020, computes its spectra from such Hessian-vector products).
 
 Data is one batch or an iterable of batches (a ``DataLoader``); over several batches the operator
 is the exact average, each batch weighted by its number of samples (the loss must be a mean over
-the batch). The model is put in eval mode for every product and its modes are restored afterwards.
+the batch). The model is put in eval mode for every forward pass the products run (building the
+gradient's graph, finite differences) and its modes are restored afterwards.
 
 Products are differentiated inside the library: reverse-over-reverse
 ``torch.autograd.grad(..., create_graph=True)``. Where double backward is unavailable (fused
@@ -302,6 +303,30 @@ class ModelOperator(CurvatureOperator):
         with torch.enable_grad():
             return self._loss_of(self._output(batch), batch)
 
+    def _gradient(self, batch: Batch) -> list[torch.Tensor]:
+        loss = self.loss(batch)
+        return list(
+            torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+        )
+
+    def gradient(self) -> torch.Tensor:
+        """The gradient of the (batch-averaged) loss over the chosen parameters, flattened
+        (shape ``(size,)``), computed in eval mode like the products; :func:`eigenvalues` starts
+        Lanczos from it."""
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        weight_sum = 0.0
+        with eval_mode(self.model):
+            for weight, grads in self._batch_gradients():
+                total.add_(flatten(grads), alpha=weight)
+                weight_sum += weight
+        if weight_sum <= 0:
+            raise ValueError("data holds no samples: the batch weights sum to zero")
+        return total.div_(weight_sum)
+
+    def _batch_gradients(self) -> Iterator[tuple[float, list[torch.Tensor]]]:
+        for b in self.batches():
+            yield self.batch_weight(b), self._gradient(b)
+
     # caching ------------------------------------------------------------------------------------
     def _state(self) -> list[tuple[float, Any]]:
         """Per-batch (weight, prepared state), built once when caching; rebuilt if a parameter was
@@ -313,6 +338,18 @@ class ModelOperator(CurvatureOperator):
         if self.cache:
             self._cached, self._versions = states, versions
         return states
+
+    def _single_state(self) -> Any:
+        """The one batch's state; a built graph is reused without a forward pass, so eval mode
+        is only entered to build it (a Lanczos step's fast path)."""
+        if self._cached is not None and [p._version for p in self.params] == self._versions:
+            weight, state = self._cached[0]
+        else:
+            with eval_mode(self.model):
+                weight, state = self._state()[0]
+        if weight <= 0:
+            raise ValueError("data holds no samples: the batch weights sum to zero")
+        return state
 
     def _iter_states(self) -> Iterator[tuple[float, Any]]:
         if self.cache:
@@ -335,6 +372,8 @@ class ModelOperator(CurvatureOperator):
 
     def _matmat(self, vs: torch.Tensor) -> torch.Tensor:
         vs = vs.to(self.dtype)
+        if self.single:  # one batch: its product, unweighted (no rounding from the average)
+            return self._batch_product(self._single_state(), vs)
         total = torch.zeros_like(vs)
         weight_sum = 0.0
         with eval_mode(self.model):
@@ -474,13 +513,22 @@ class Hessian(ModelOperator):
             blocks = self._fd_blocks(batch, parts)
         return flatten_batched(blocks, vs.shape[0])
 
-    def _gradient(self, batch: Batch) -> list[torch.Tensor]:
-        loss = self.loss(batch)
-        return list(
-            torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
-        )
+    def _batch_gradients(self) -> Iterator[tuple[float, list[torch.Tensor]]]:
+        """Per-batch gradients, taken from the cached graphs when there are (no extra pass)."""
+        if not self.cache or self.finite_difference:
+            yield from super()._batch_gradients()
+            return
+        for weight, state in self._state():
+            if isinstance(state, _FiniteDifferenceState):
+                yield weight, self._gradient(state.batch)
+            else:
+                yield weight, [g.detach() for g in state[1]]
 
     def _fd_blocks(self, batch: Batch, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with eval_mode(self.model):  # these products run forward passes
+            return self._fd_rows(batch, vs)
+
+    def _fd_rows(self, batch: Batch, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         b = vs[0].shape[0]
         saved = [p.detach().clone() for p in self.params]
         base = self.fd_eps or float(torch.finfo(self.dtype).eps) ** (1 / 3)

@@ -126,6 +126,7 @@ class MonitorRecord(_Serialisable):
     """One check of the training monitor at ``step``: the top Hessian eigenvalue and the trace
     compared with the stability threshold ``2 / lr`` (Cohen et al.'s edge of stability for the top
     eigenvalue; the trace for SGD's linear stability). Flags are ``None`` without a learning rate.
+    ``matvecs``: the Hessian-vector products the check took (Lanczos and trace together).
     """
 
     step: int
@@ -137,6 +138,7 @@ class MonitorRecord(_Serialisable):
     eigenvalue_above: bool | None
     trace_above: bool | None
     seconds: float
+    matvecs: int = 0
 
 
 @dataclass(frozen=True)
