@@ -116,31 +116,6 @@ def rms_rel(values: list[float], truth: float) -> float:
     return (sum(rel(v, truth) ** 2 for v in values) / len(values)) ** 0.5
 
 
-def pyhessian_products(*runs: Callable[[], Any]) -> list[int]:
-    """Hessian-vector products PyHessian takes in each run (an untimed extra run that counts
-    calls to its ``hessian_vector_product``)."""
-    import importlib
-
-    module = importlib.import_module("pyhessian.hessian")  # the module, not the class
-
-    original, counts = module.hessian_vector_product, []
-    calls = [0]
-
-    def counted(*args: Any) -> Any:
-        calls[0] += 1
-        return original(*args)
-
-    module.hessian_vector_product = counted
-    try:
-        for run in runs:
-            calls[0] = 0
-            run()
-            counts.append(calls[0])
-    finally:
-        module.hessian_vector_product = original
-    return counts
-
-
 def pyhessian_runs(model, batch, repeats, trace_seeds):
     from pyhessian import hessian as PyHessian
 
@@ -149,15 +124,7 @@ def pyhessian_runs(model, batch, repeats, trace_seeds):
             p.grad = None
         return PyHessian(model, F.cross_entropy, data=batch, cuda=False)
 
-    def top(n: int) -> list[float]:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # PyHessian draws from the global RNG
-            return fresh().eigenvalues(top_n=n)[0]
-
     out: dict[str, Any] = {}
-    out["top1_s"], out["top1"] = timed(lambda: top(1), repeats)
-    out["top5_s"], out["top5"] = timed(lambda: top(5), repeats)
-    out["top1_matvecs"], out["top5_matvecs"] = pyhessian_products(lambda: top(1), lambda: top(5))
     traces, times, counts = [], [], []
     for seed in range(trace_seeds):
         with torch.random.fork_rng():
@@ -205,12 +172,6 @@ def anyorder_runs(model, batch, repeats, trace_seeds, budget):
     product count, at a half and a third of it, and at 99 products."""
     out: dict[str, Any] = {}
 
-    def top(k: int, tol: float) -> Any:
-        return eigenvalues(Hessian(model, F.cross_entropy, batch), k, tol=tol)
-
-    for key, k, tol in (("top1", 1, 1e-4), ("top1_loose", 1, 1e-2), ("top5", 5, 1e-4)):
-        out[f"{key}_s"], spec = timed(lambda k=k, tol=tol: top(k, tol), repeats)
-        out[key], out[f"{key}_matvecs"] = list(spec.eigenvalues), spec.matvecs
     budgets = (
         ("trace", budget),
         ("trace_half", max(2, budget // 2)),
@@ -239,13 +200,7 @@ def eigenthings_runs(model, batch, repeats, trace_seeds, trace_matvecs):
     def op() -> Any:
         return he.HessianOperator(model, [batch], he.supervised_loss(F.cross_entropy))
 
-    def top(k: int) -> list[float]:
-        res = he.lanczos(op(), k=k, which="LA", tol=1e-4, max_iter=80, reorthogonalize=True, seed=0)
-        return sorted((float(v) for v in res.eigenvalues), reverse=True)[:k]
-
     out: dict[str, Any] = {}
-    out["top1_s"], out["top1"] = timed(lambda: top(1), repeats)
-    out["top5_s"], out["top5"] = timed(lambda: top(5), repeats)
     traces, times = [], []
     for seed in range(trace_seeds):
         t0 = time.perf_counter()
@@ -254,6 +209,94 @@ def eigenthings_runs(model, batch, repeats, trace_seeds, trace_matvecs):
         traces.append(float(res.estimate))
     out["trace_s"], out["trace_estimates"] = statistics.median(times), traces
     return out
+
+
+def eigen_runs(
+    model: nn.Module, batch: Any, ref_top: list[float], seeds: dict[int, int], repeats: int
+) -> list[dict[str, Any]]:
+    """Top-1 and top-5 eigenvalues from every library over ``seeds[k]`` start seeds, each timed
+    ``repeats`` times, libraries interleaved: median time, median and largest error over seeds,
+    median products. PyHessian's power iteration starts from its global RNG (seeded here);
+    anyorder's seed draws the noise mixed into the gradient start (``start="auto"``, the default)
+    or the whole start (``start="random"``)."""
+    import importlib
+
+    import hessian_eigenthings as he
+    from pyhessian import hessian as PyHessian
+
+    module = importlib.import_module("pyhessian.hessian")
+    original, calls = module.hessian_vector_product, [0]
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return original(*args)
+
+    def pyhessian(k: int, seed: int) -> tuple[list[float], int]:
+        for p in model.parameters():
+            p.grad = None
+        calls[0] = 0
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # PyHessian draws from the global RNG
+            values = PyHessian(model, F.cross_entropy, data=batch, cuda=False).eigenvalues(top_n=k)
+        return sorted(values[0], reverse=True), calls[0]
+
+    def ours(k: int, seed: int, tol: float, start: str) -> tuple[list[float], int]:
+        op = Hessian(model, F.cross_entropy, batch)
+        spec = eigenvalues(op, k, tol=tol, seed=seed, start=start)
+        return list(spec.eigenvalues), spec.matvecs
+
+    def eigenthings(k: int, seed: int) -> tuple[list[float], int | None]:
+        op = he.HessianOperator(model, [batch], he.supervised_loss(F.cross_entropy))
+        res = he.lanczos(
+            op, k=k, which="LA", tol=1e-4, max_iter=80, reorthogonalize=True, seed=seed
+        )
+        return sorted((float(v) for v in res.eigenvalues), reverse=True)[:k], None
+
+    rows = []
+    module.hessian_vector_product = counted
+    try:
+        for k, n_seeds in seeds.items():
+            configs: dict[str, Callable[[int], tuple[list[float], Any]]] = {
+                "pyhessian": lambda s, k=k: pyhessian(k, s),
+                "anyorder tol=1e-4 (default start)": lambda s, k=k: ours(k, s, 1e-4, "auto"),
+                "anyorder tol=1e-2 (default start)": lambda s, k=k: ours(k, s, 1e-2, "auto"),
+                "anyorder tol=1e-2, start=random": lambda s, k=k: ours(k, s, 1e-2, "random"),
+                "hessian-eigenthings": lambda s, k=k: eigenthings(k, s),
+            }
+            times: dict[str, list[float]] = {c: [] for c in configs}
+            errors: dict[str, list[float]] = {c: [] for c in configs}
+            products: dict[str, list[int]] = {c: [] for c in configs}
+            for seed in range(n_seeds):
+                for r in range(repeats):
+                    for label, run in configs.items():
+                        t0 = time.perf_counter()
+                        values, used = run(seed)
+                        times[label].append(time.perf_counter() - t0)
+                        if r == 0:
+                            errors[label].append(
+                                max(rel(a, b) for a, b in zip(values[:k], ref_top[:k]))
+                            )
+                            if used is not None:
+                                products[label].append(used)
+                model.train()  # PyHessian leaves the model in eval mode
+            for label in configs:
+                rows.append(
+                    {
+                        "library": label,
+                        "what": f"top{k}",
+                        "seeds": n_seeds,
+                        "s": statistics.median(times[label]),
+                        "rel_err": statistics.median(errors[label]),
+                        "max_rel_err": max(errors[label]),
+                        "matvecs": statistics.median(products[label]) if products[label] else None,
+                        "matvecs_per_seed": products[label],
+                    }
+                )
+    finally:
+        module.hessian_vector_product = original
+    for p in model.parameters():
+        p.grad = None
+    return rows
 
 
 def compare(name: str, model: nn.Module, batch, repeats: int, trace_seeds: int) -> dict[str, Any]:
@@ -273,17 +316,6 @@ def compare(name: str, model: nn.Module, batch, repeats: int, trace_seeds: int) 
         f"seed {ph['trace_matvecs']})"
     )
 
-    def eig_row(label: str, r: dict[str, Any], key: str) -> dict[str, Any]:
-        k = 1 if key.startswith("top1") else 5
-        err = max(rel(a, b) for a, b in zip(r[key][:k], ref["top"][:k]))
-        return {
-            "library": label,
-            "what": key,
-            "s": r[f"{key}_s"],
-            "rel_err": err,
-            "matvecs": r.get(f"{key}_matvecs"),
-        }
-
     def trace_row(label: str, r: dict[str, Any], key: str, matvecs: Any) -> dict[str, Any]:
         return {
             "library": label,
@@ -293,15 +325,7 @@ def compare(name: str, model: nn.Module, batch, repeats: int, trace_seeds: int) 
             "rms_rel_err": rms_rel(r[f"{key}_estimates"], truth),
         }
 
-    eig_rows = [
-        eig_row("anyorder tol=1e-4", ours, "top1"),
-        eig_row("anyorder tol=1e-2", ours, "top1_loose"),
-        eig_row("pyhessian", ph, "top1"),
-        eig_row("hessian-eigenthings", eig, "top1"),
-        eig_row("anyorder tol=1e-4", ours, "top5"),
-        eig_row("pyhessian", ph, "top5"),
-        eig_row("hessian-eigenthings", eig, "top5"),
-    ]
+    eig_rows = eigen_runs(model, batch, ref["top"], {1: 5, 5: 3}, repeats)
     trace_rows = [
         trace_row("anyorder blocks", ours, "trace", ours["trace_matvecs"]),
         trace_row("anyorder blocks", ours, "trace_half", ours["trace_half_matvecs"]),
@@ -311,17 +335,28 @@ def compare(name: str, model: nn.Module, batch, repeats: int, trace_seeds: int) 
         trace_row("anyorder blocks", ours, "trace99", ours["trace99_matvecs"]),
         trace_row("pyhessian", ph, "trace99", 99),
     ]
-    print("eigenvalues                      what         s     rel err  products")
+    print("eigenvalues (seeds)                 what     median s  rel err med / max  products")
     for r in eig_rows:
         mv = r["matvecs"] if r["matvecs"] is not None else "-"
-        print(f"{r['library']:32s} {r['what']:10s} {r['s']:7.3f}  {r['rel_err']:.1e}  {mv}")
+        print(
+            f"{r['library']:35s} {r['what']:5s} ({r['seeds']})  {r['s']:7.3f}  "
+            f"{r['rel_err']:.1e} / {r['max_rel_err']:.1e}  {mv}"
+        )
+    eig_s = {(r["library"], r["what"]): r["s"] for r in eig_rows}
     print(f"trace ({trace_seeds} seeds)              products  median s  rms rel err")
     for r in trace_rows:
         print(f"{r['library']:32s} {r['matvecs']:4d}  {r['s']:8.3f}  {r['rms_rel_err']:.1e}")
     ratios = {
-        "top1 (tol=1e-4)": ours["top1_s"] / ph["top1_s"],
-        "top1 (tol=1e-2)": ours["top1_loose_s"] / ph["top1_s"],
-        "top5": ours["top5_s"] / ph["top5_s"],
+        "top1 (tol=1e-4)": eig_s[("anyorder tol=1e-4 (default start)", "top1")]
+        / eig_s[("pyhessian", "top1")],
+        "top1 (tol=1e-2)": eig_s[("anyorder tol=1e-2 (default start)", "top1")]
+        / eig_s[("pyhessian", "top1")],
+        "top1 (tol=1e-2, random start)": eig_s[("anyorder tol=1e-2, start=random", "top1")]
+        / eig_s[("pyhessian", "top1")],
+        "top5 (tol=1e-4)": eig_s[("anyorder tol=1e-4 (default start)", "top5")]
+        / eig_s[("pyhessian", "top5")],
+        "top5 (tol=1e-2)": eig_s[("anyorder tol=1e-2 (default start)", "top5")]
+        / eig_s[("pyhessian", "top5")],
         "trace (equal products)": ours["trace_s"] / ph["trace_s"],
         "trace (half products)": ours["trace_half_s"] / ph["trace_s"],
         "trace (third of products)": ours["trace_third_s"] / ph["trace_s"],

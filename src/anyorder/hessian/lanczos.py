@@ -98,6 +98,7 @@ class _Lanczos:
         self.active = torch.ones(b, dtype=torch.bool)
         self.steps = [0] * b
         self.scale = 0.0
+        self._beta_dev = torch.zeros(b, dtype=op.dtype, device=op.device)  # last beta per run
 
     def _grow(self, need: int) -> None:
         if need <= self.capacity:
@@ -119,17 +120,27 @@ class _Lanczos:
         rows = self.active.nonzero().flatten()
         sel = slice(None) if every else rows  # a view, not a copy, in the common case
         q = self.basis[sel, j]
-        w = self.op.matmat(q).to(self.basis.dtype).unsqueeze(2)  # (b, n, 1)
-        past = self.basis[sel, : j + 1]  # (b, j + 1, n), orthonormal rows, q last
-        # Classical Gram-Schmidt against every basis vector, twice ("twice is enough": Parlett,
-        # DGKS). The first pass also takes the three-term recurrence's alpha q_j + beta q_{j-1}
-        # (h[j] is alpha; h[j - 1] is beta up to rounding); alpha is the sum of both passes.
-        h = torch.bmm(past, w)
-        w = torch.baddbmm(w, past.transpose(1, 2), h, alpha=-1)
-        h2 = torch.bmm(past, w)
-        w = torch.baddbmm(w, past.transpose(1, 2), h2, alpha=-1).squeeze(2)
-        a = (h[:, j, 0] + h2[:, j, 0]).double().cpu()
+        w = self.op.matmat(q).to(self.basis.dtype)
+        if w.untyped_storage().data_ptr() == self.basis.untyped_storage().data_ptr():
+            w = w.clone()  # an operator that hands back its input: w is updated in place below
+        a = torch.linalg.vecdot(q, w)
+        w.addcmul_(q, a[:, None], value=-1)  # the three-term recurrence ...
+        if j > 0:
+            w.addcmul_(self.basis[sel, j - 1], self._beta_dev[sel, None], value=-1)
+        # ... then full reorthogonalisation by classical Gram-Schmidt against the whole basis,
+        # repeated only when the pass cancelled most of w (the DGKS test: Daniel, Gragg, Kaufman
+        # and Stewart 1976; "twice is enough").
+        past = self.basis[sel, : j + 1]  # (b, j + 1, n), orthonormal rows
+        for _ in range(2):
+            before = torch.linalg.vector_norm(w, dim=1)
+            h = torch.bmm(past, w.unsqueeze(2))
+            w = torch.baddbmm(w.unsqueeze(2), past.transpose(1, 2), h, alpha=-1).squeeze(2)
+            a = a + h[:, j, 0]
+            if bool((torch.linalg.vector_norm(w, dim=1) > 0.5 * before).all()):
+                break
+        a = a.double().cpu()
         beta = torch.linalg.vector_norm(w, dim=1)
+        self._beta_dev[sel] = beta
         beta64 = beta.double().cpu()
         self.alpha[sel, j] = a
         self.beta[sel, j] = beta64
@@ -152,7 +163,7 @@ class _Lanczos:
             self._grow(self.j + 1)
             live = ~broke
             if bool(live.all()):
-                self.basis[sel, self.j] = w / beta[:, None]
+                self.basis[sel, self.j] = w.div_(beta[:, None])
             else:
                 self.basis[rows[live], self.j] = w[live] / beta[live, None]
 
@@ -272,13 +283,16 @@ def eigenvalues(
     previous eigenvector to warm-start a repeated measurement).
 
     Stops when every wanted Ritz value's estimated error is ``<= tol * |theta|``. The estimate
-    is the geometric mean of two one-sided ones: the Kato-Temple estimate ``min(r, r^2 / gap)``
-    (``r = ||A y - theta y||``, ``gap`` to the other Ritz values less their residuals; Parlett,
-    "The Symmetric Eigenvalue Problem", 11.7), which assumes the residual points at the nearest
-    eigenvalue and is several times too large on network Hessians, whose residuals point into
-    the bulk; and the change of the Ritz value over the last step, a lower bound on the previous
-    iterate's error that is too small while convergence stalls. On the benchmark Hessians (an
-    MLP and a CNN on digits, 12 random starts) the true error at the stop was at most 0.65 ``tol``.
+    is the Kato-Temple estimate ``min(r, r^2 / gap)`` (``r = ||A y - theta y||``, ``gap`` to the
+    other Ritz values less their residuals; Parlett, "The Symmetric Eigenvalue Problem", 11.7),
+    which assumes the residual points at the nearest eigenvalue and is several times too large
+    on network Hessians, whose residuals point into the bulk. For ``k=1`` it is the geometric
+    mean of that and the change of the Ritz value over the last step (a lower bound on the
+    previous iterate's error, too small while convergence stalls): on the benchmark Hessians (an
+    MLP and a CNN on digits, 12 random starts) the true error at the stop was at most 0.65
+    ``tol``. For ``k > 1`` the Kato-Temple estimate is used alone: within a cluster of close
+    eigenvalues the Ritz values can be steady while a member of the cluster is still unfound
+    (the change rule stopped top-5 at ``tol=1e-2`` with a 7% error on the CNN).
     With ``return_eigenvectors`` the residual itself must be ``<= tol * |theta|``, since a vector
     is only as good as its residual; ``strict_vectors=False`` keeps the eigenvalue rule and returns
     the Ritz vectors as they are (e.g. to warm-start the next measurement; ``residuals`` say how
@@ -320,9 +334,10 @@ def eigenvalues(
                 errors = residuals
             else:
                 errors = _error_estimates(theta, every, idx)
-                change = (theta[idx] - previous).abs() if previous is not None else errors
-                errors = (errors * change).sqrt()
-                previous = theta[idx]
+                if k == 1:  # see the docstring: for k > 1 a cluster's missing members hide
+                    change = (theta[idx] - previous).abs() if previous is not None else errors
+                    errors = (errors * change).sqrt()
+                    previous = theta[idx]
             floor = 10 * float(torch.finfo(op.dtype).eps) * run.scale
             limit = torch.clamp(tol * theta[idx].abs(), min=floor)
             if done or bool((errors <= limit).all()):
