@@ -196,7 +196,9 @@ def test_bad_arguments_raise_with_the_value():
         eigenvalues(op, k=7)
     with pytest.raises(ValueError, match="which must be one of largest, smallest, magnitude"):
         eigenvalues(op, which="top")
-    with pytest.raises(ValueError, match="method must be one of blocks, hutch\\+\\+, hutchinson"):
+    with pytest.raises(
+        ValueError, match="method must be one of neyman, blocks, hutch\\+\\+, hutchinson"
+    ):
         trace(op, method="exact")
     with pytest.raises(ValueError, match="matvecs must be an integer >= 5 for hutch\\+\\+, got 3"):
         trace(op, method="hutch++", matvecs=3)
@@ -204,7 +206,7 @@ def test_bad_arguments_raise_with_the_value():
         trace(op, matvecs=1)
     with pytest.raises(ValueError, match=r"blocks must be a tensor of shape \(4,\)"):
         trace(op, blocks=torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="blocks applies to method='blocks' only"):
+    with pytest.raises(ValueError, match="blocks applies to method=.blocks. or .neyman. only"):
         trace(op, method="hutchinson", blocks=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="rtol must be a number > 0"):
         trace(op, rtol=0.0)
