@@ -185,7 +185,7 @@ def _neyman(
 def trace(
     op: CurvatureOperator,
     *,
-    method: str = "blocks",
+    method: str = "neyman",
     matvecs: int = 99,
     seed: int = 0,
     distribution: str = "rademacher",
@@ -198,7 +198,7 @@ def trace(
     ``"hutchinson"`` (Hutchinson 1990; PyHessian's trace): the mean of ``z^T A z`` over random
     vectors, unbiased, variance ``2 (||A||_F^2 - sum a_ii^2) / m`` for Rademacher ``z``.
 
-    ``"neyman"``: the layer blocks of ``"blocks"`` sampled separately, with probes
+    ``"neyman"`` (default): the layer blocks of ``"blocks"`` sampled separately, with probes
     allocated to the blocks in proportion to their spread (Neyman allocation, Neyman 1934). One
     pilot product per block with a random unit direction ``q_g`` (from its own generator, so
     independent of the probes) estimates ``||A_gg||_F^2`` as ``n_g ||A_gg q_g||^2`` and gives
@@ -219,7 +219,7 @@ def trace(
     its linear layer has a cluster of 9 outliers (one per class but one) that a single-vector
     Krylov space in float32 resolves only slowly, and a block sketch costs 18 products or more.
 
-    ``"blocks"`` (default): Hutchinson stratified over diagonal blocks (probing, Bekas et al.
+    ``"blocks"``: Hutchinson stratified over diagonal blocks (probing, Bekas et al.
     2007). ``tr(A) = sum_g tr(A_gg)``; each sample restricts one probe to each of the ``G``
     blocks and costs ``G`` products, so its variance holds only the diagonal blocks' off-diagonal
     mass. In a network Hessian most of the Frobenius norm sits in the blocks *between* layers
