@@ -168,21 +168,25 @@ def pyhessian_runs(model, batch, repeats, trace_seeds):
 
 def anyorder_runs(model, batch, repeats, trace_seeds, budget):
     """Top-1 at the default tol=1e-4 and at tol=1e-2 (an error estimate looser than PyHessian's
-    achieved error); top-5 at 1e-4; the default trace (Hutchinson over layer blocks) at PyHessian's
-    product count, at a half and a third of it, and at 99 products."""
+    achieved error); top-5 at 1e-4; the default trace (Hutchinson over layer blocks with Neyman
+    allocation) at PyHessian's product count, at a half and a third of it, and at 99 products;
+    the equal-allocation blocks at PyHessian's product count and at half of it."""
     out: dict[str, Any] = {}
 
     budgets = (
-        ("trace", budget),
-        ("trace_half", max(2, budget // 2)),
-        ("trace_third", max(2, budget // 3)),
-        ("trace99", 99),
+        ("neyman", "trace", budget),
+        ("neyman", "trace_half", max(2, budget // 2)),
+        ("neyman", "trace_third", max(2, budget // 3)),
+        ("neyman", "trace99", 99),
+        ("blocks", "blocks", budget),
+        ("blocks", "blocks_half", max(2, budget // 2)),
     )
-    for key, m in budgets:
+    for method, key, m in budgets:
         traces, times, used = [], [], []
         for seed in range(trace_seeds):
             t0 = time.perf_counter()
-            est = trace(Hessian(model, F.cross_entropy, batch), matvecs=m, seed=seed)
+            op = Hessian(model, F.cross_entropy, batch)
+            est = trace(op, method=method, matvecs=m, seed=seed)
             times.append(time.perf_counter() - t0)
             traces.append(est.estimate)
             used.append(est.matvecs)
@@ -327,12 +331,14 @@ def compare(name: str, model: nn.Module, batch, repeats: int, trace_seeds: int) 
 
     eig_rows = eigen_runs(model, batch, ref["top"], {1: 5, 5: 3}, repeats)
     trace_rows = [
-        trace_row("anyorder blocks", ours, "trace", ours["trace_matvecs"]),
-        trace_row("anyorder blocks", ours, "trace_half", ours["trace_half_matvecs"]),
-        trace_row("anyorder blocks", ours, "trace_third", ours["trace_third_matvecs"]),
+        trace_row("anyorder neyman (default)", ours, "trace", ours["trace_matvecs"]),
+        trace_row("anyorder neyman (default)", ours, "trace_half", ours["trace_half_matvecs"]),
+        trace_row("anyorder neyman (default)", ours, "trace_third", ours["trace_third_matvecs"]),
+        trace_row("anyorder blocks", ours, "blocks", ours["blocks_matvecs"]),
+        trace_row("anyorder blocks", ours, "blocks_half", ours["blocks_half_matvecs"]),
         trace_row("pyhessian (own rule)", ph, "trace", budget),
         trace_row("hessian-eigenthings hutch++", eig, "trace", max(5, budget)),
-        trace_row("anyorder blocks", ours, "trace99", ours["trace99_matvecs"]),
+        trace_row("anyorder neyman (default)", ours, "trace99", ours["trace99_matvecs"]),
         trace_row("pyhessian", ph, "trace99", 99),
     ]
     print("eigenvalues (seeds)                 what     median s  rel err med / max  products")

@@ -196,15 +196,17 @@ def test_bad_arguments_raise_with_the_value():
         eigenvalues(op, k=7)
     with pytest.raises(ValueError, match="which must be one of largest, smallest, magnitude"):
         eigenvalues(op, which="top")
-    with pytest.raises(ValueError, match="method must be one of blocks, hutch\\+\\+, hutchinson"):
+    with pytest.raises(
+        ValueError, match="method must be one of neyman, blocks, hutch\\+\\+, hutchinson"
+    ):
         trace(op, method="exact")
     with pytest.raises(ValueError, match="matvecs must be an integer >= 5 for hutch\\+\\+, got 3"):
         trace(op, method="hutch++", matvecs=3)
-    with pytest.raises(ValueError, match="matvecs must be an integer >= 2 for blocks, got 1"):
+    with pytest.raises(ValueError, match="matvecs must be an integer >= 2 for neyman, got 1"):
         trace(op, matvecs=1)
     with pytest.raises(ValueError, match=r"blocks must be a tensor of shape \(4,\)"):
         trace(op, blocks=torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="blocks applies to method='blocks' only"):
+    with pytest.raises(ValueError, match="blocks applies to method=.blocks. or .neyman. only"):
         trace(op, method="hutchinson", blocks=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="rtol must be a number > 0"):
         trace(op, rtol=0.0)
@@ -257,17 +259,18 @@ def test_block_labels_are_the_layers_and_small_budgets_merge_them(mlp_problem):
     expected = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
     assert torch.equal(op.block_labels(), expected)
     assert torch.equal(MatrixOperator(torch.eye(5)).block_labels(), torch.zeros(5).long())
-    few = trace(op, matvecs=4, seed=0)  # 3 layers cannot give 2 samples: merged into 2 groups
+    # 3 layers cannot give 2 samples: merged into 2 groups
+    few = trace(op, method="blocks", matvecs=4, seed=0)
     assert few.matvecs == 4 and len(few.samples) == 2
-    odd = trace(op, matvecs=10, seed=0)  # 3 samples of 3 products
+    odd = trace(op, method="blocks", matvecs=10, seed=0)  # 3 samples of 3 products
     assert odd.matvecs == 9 and len(odd.samples) == 3
     layer = Hessian(model, F.cross_entropy, batch, params=model[2])
-    one = trace(layer, matvecs=8, seed=0)  # a single block is Hutchinson
+    one = trace(layer, method="blocks", matvecs=8, seed=0)  # a single block is Hutchinson
     same = trace(layer, method="hutchinson", matvecs=8, seed=0)
     assert one.samples == same.samples
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "blocks"])
+@pytest.mark.parametrize("method", ["hutchinson", "blocks", "neyman"])
 def test_rtol_stops_when_the_standard_error_is_small_enough(mlp_problem, method):
     model, batch, exact, _ = mlp_problem
     op = Hessian(model, F.cross_entropy, batch)

@@ -1,8 +1,8 @@
 """The whole Hessian analysis of a bench task, as run by ``anyorder hessian``: top and bottom
-eigenvalues (Lanczos), trace (Hutchinson stratified over layer blocks), spectral density (SLQ,
-Ghorbani et al. 2019), per-layer sensitivity with a HAWQ-V2 bit allocation, and batch-size
-learning-rate advice (Granziol et al., "Learning Rates as a Function of Batch Size"), written as
-JSON plus two plots.
+eigenvalues (Lanczos), trace (Hutchinson stratified over layer blocks, Neyman-allocated),
+spectral density (SLQ, Ghorbani et al. 2019), per-layer sensitivity with a HAWQ-V2 bit
+allocation, and batch-size learning-rate advice (Granziol et al., "Learning Rates as a Function
+of Batch Size"), written as JSON plus two plots.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ def analyse_task(
 
 
 def trace_of(op: Hessian, matvecs: int, seed: int) -> TraceEstimate:
-    """Trace with ``matvecs`` products, Hutchinson stratified over the layers (the default of
-    :func:`anyorder.hessian.trace`)."""
+    """Trace with ``matvecs`` products, Hutchinson stratified over the layers with Neyman
+    allocation (the default of :func:`anyorder.hessian.trace`)."""
     from anyorder.hessian.trace import trace
 
     return trace(op, matvecs=max(2, matvecs), seed=seed)

@@ -53,7 +53,9 @@ class _Serialisable:
 @dataclass(frozen=True)
 class TraceEstimate(_Serialisable):
     """A stochastic trace estimate: ``estimate`` is the mean of ``samples`` and ``stderr`` its
-    standard error (for Hutch++ conditional on the sketched subspace, whose part is exact)."""
+    standard error (for Hutch++ conditional on the sketched subspace, whose part is exact). For
+    ``method="neyman"`` ``samples`` are the per-block samples in the order taken and the estimate
+    is the sum of the per-block means plus the pilots' exact parts (see ``trace``)."""
 
     estimate: float
     stderr: float
