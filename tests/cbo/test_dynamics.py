@@ -12,6 +12,7 @@ from anyorder.cbo.dynamics import (
     cbo_update_,
     consensus,
     particle_variance,
+    random_batch_step,
     sanitize_energies,
 )
 from anyorder.cbo.functions import FUNCTIONS
@@ -168,3 +169,20 @@ def test_test_functions_vanish_at_their_minimiser_and_nowhere_near(name: str) ->
         around = x_star + 0.05 * torch.randn(64, dim, generator=gen, dtype=torch.float64)
         assert bool((fn(around) > fn.minimum).all())
         assert fn(around).shape == (64,)
+
+
+@pytest.mark.parametrize("noise", ["isotropic", "anisotropic"])
+def test_random_batch_step_is_batch_consensus_then_cbo_update(noise: str) -> None:
+    # The fast path (reorder, contiguous groups) against the plain definition: per-particle
+    # consensus of each random group, then one Euler-Maruyama step; rows in permuted order.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    energies = torch.rand(12, generator=g, dtype=torch.float64)
+    fast = random_batch_step(
+        x.clone(), energies, 3.0, 4, 0.1, 0.7, noise, torch.Generator().manual_seed(5)
+    )
+    gen = torch.Generator().manual_seed(5)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(5))
+    targets = batch_consensus(x, energies, 3.0, 4, gen)  # draws the same permutation first
+    want = cbo_update_(x[perm].clone(), targets[perm], 0.1, 0.7, noise, gen)
+    torch.testing.assert_close(fast, want, rtol=1e-12, atol=1e-12)
