@@ -135,7 +135,7 @@ class MFAC(AnyOrderOptimizer):
         if add_to_window:
             slot = int(gs["slot"])
             window[slot] = x
-            gx[slot] = float(torch.dot(x.double(), x.double()))
+            gx[slot] = torch.dot(x.double(), x.double())  # no host sync
             gram[slot, :] = gx
             gram[:, slot] = gx
             gs["slot"] = (slot + 1) % self.m
