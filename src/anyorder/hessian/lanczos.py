@@ -81,8 +81,9 @@ class LanczosResult:
 
 
 class _Lanczos:
-    """``b`` simultaneous Lanczos runs with full (twice-repeated Gram-Schmidt) reorthogonalisation;
-    a run stops at breakdown (its Krylov space is invariant: its Ritz values are exact)."""
+    """``b`` simultaneous Lanczos runs with full reorthogonalisation (classical Gram-Schmidt after
+    the three-term recurrence, repeated when the DGKS test asks); a run stops at breakdown (its
+    Krylov space is invariant: its Ritz values are exact)."""
 
     def __init__(self, op: CurvatureOperator, start: torch.Tensor, capacity: int) -> None:
         self.op = op
@@ -131,15 +132,16 @@ class _Lanczos:
         # repeated only when the pass cancelled most of w (the DGKS test: Daniel, Gragg, Kaufman
         # and Stewart 1976; "twice is enough").
         past = self.basis[sel, : j + 1]  # (b, j + 1, n), orthonormal rows
+        norm = torch.linalg.vector_norm(w, dim=1)
         for _ in range(2):
-            before = torch.linalg.vector_norm(w, dim=1)
             h = torch.bmm(past, w.unsqueeze(2))
             w = torch.baddbmm(w.unsqueeze(2), past.transpose(1, 2), h, alpha=-1).squeeze(2)
             a = a + h[:, j, 0]
-            if bool((torch.linalg.vector_norm(w, dim=1) > 0.5 * before).all()):
+            before, norm = norm, torch.linalg.vector_norm(w, dim=1)
+            if bool((norm > 0.5 * before).all()):
                 break
         a = a.double().cpu()
-        beta = torch.linalg.vector_norm(w, dim=1)
+        beta = norm
         self._beta_dev[sel] = beta
         beta64 = beta.double().cpu()
         self.alpha[sel, j] = a
