@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hessian",
         help="Hessian spectrum, trace, density and per-layer sensitivity of a task's model",
         description="Analyse the Hessian of a bench task's loss: top and smallest eigenvalues "
-        "(Lanczos), trace (Hutchinson by layer blocks), spectral density (SLQ), per-layer traces with a HAWQ-V2 bit "
-        "allocation and batch-size learning-rate advice. Writes hessian.json, density.png and "
-        "layers.png to --out.",
+        "(Lanczos), trace (Hutchinson by layer blocks, Neyman-allocated), spectral density "
+        "(SLQ), per-layer traces with a HAWQ-V2 bit allocation and batch-size learning-rate "
+        "advice. Writes hessian.json, density.png and layers.png to --out.",
     )
     hess.add_argument("--task", required=True, help="task name (see anyorder list)")
     hess.add_argument(

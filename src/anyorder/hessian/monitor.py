@@ -96,8 +96,8 @@ class HessianMonitor:
     __call__ = step
 
     def check(self, batch: Any = None, *, step: int | None = None) -> MonitorRecord:
-        """Measure now: the top eigenvalue (Lanczos) and the trace (layer blocks) on ``batch`` (default:
-        the monitor's ``data``)."""
+        """Measure now: the top eigenvalue (Lanczos, warm-started) and the trace (the default
+        method) on ``batch`` (default: the monitor's ``data``)."""
         data = self.data if batch is None else batch
         if data is None and self.forward is None:
             raise ValueError("no data: give the monitor a batch at construction or to step()")
