@@ -99,7 +99,6 @@ class _Lanczos:
         self.active = torch.ones(b, dtype=torch.bool)
         self.steps = [0] * b
         self.scale = 0.0
-        self._beta_dev = torch.zeros(b, dtype=op.dtype, device=op.device)  # last beta per run
 
     def _grow(self, need: int) -> None:
         if need <= self.capacity:
@@ -127,7 +126,7 @@ class _Lanczos:
         a = torch.linalg.vecdot(q, w)
         w.addcmul_(q, a[:, None], value=-1)  # the three-term recurrence ...
         if j > 0:
-            w.addcmul_(self.basis[sel, j - 1], self._beta_dev[sel, None], value=-1)
+            w.addcmul_(self.basis[sel, j - 1], self.beta[sel, j - 1].to(w)[:, None], value=-1)
         # ... then full reorthogonalisation by classical Gram-Schmidt against the whole basis,
         # repeated only when the pass cancelled most of w (the DGKS test: Daniel, Gragg, Kaufman
         # and Stewart 1976; "twice is enough").
@@ -142,7 +141,6 @@ class _Lanczos:
                 break
         a = a.double().cpu()
         beta = norm
-        self._beta_dev[sel] = beta
         beta64 = beta.double().cpu()
         self.alpha[sel, j] = a
         self.beta[sel, j] = beta64
@@ -325,9 +323,7 @@ def eigenvalues(
         run.step()
         m = run.j
         if m >= k:
-            t = torch.diag(run.alpha[0, :m]) + torch.diag(run.beta[0, : m - 1], 1)
-            t = t + torch.diag(run.beta[0, : m - 1], -1)
-            theta, s = torch.linalg.eigh(t)
+            theta, s = torch.linalg.eigh(run.result(keep_basis=False).tridiagonal(0))
             idx = _select(theta, k, which)
             done = not bool(run.active[0])
             every = (run.beta[0, m - 1] * s[m - 1]).abs() if not done else theta * 0

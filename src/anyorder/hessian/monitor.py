@@ -116,7 +116,7 @@ class HessianMonitor:
                 return_eigenvectors=True,
                 strict_vectors=False,
             )
-        self._top_vector = top.eigenvectors[0] if top.eigenvectors is not None else None
+        self._top_vector = top.eigenvectors[0]
         tr = trace(op, matvecs=max(5, self.trace_matvecs), seed=seed)
         lr = self.current_lr()
         threshold = 2.0 / lr if lr else None

@@ -329,34 +329,26 @@ class ModelOperator(CurvatureOperator):
 
     # caching ------------------------------------------------------------------------------------
     def _state(self) -> list[tuple[float, Any]]:
-        """Per-batch (weight, prepared state), built once when caching; rebuilt if a parameter was
-        changed in place since."""
+        """Per-batch (weight, prepared state), built in eval mode (the only forward passes a
+        product needs, apart from finite differences) once when caching; rebuilt if a parameter
+        was changed in place since."""
         versions = [p._version for p in self.params]
         if self._cached is not None and versions == self._versions:
             return self._cached
-        states = [(self.batch_weight(b), self._prepare(b)) for b in self.batches()]
+        with eval_mode(self.model):
+            states = [(self.batch_weight(b), self._prepare(b)) for b in self.batches()]
         if self.cache:
             self._cached, self._versions = states, versions
         return states
-
-    def _single_state(self) -> Any:
-        """The one batch's state; a built graph is reused without a forward pass, so eval mode
-        is only entered to build it (a Lanczos step's fast path)."""
-        if self._cached is not None and [p._version for p in self.params] == self._versions:
-            weight, state = self._cached[0]
-        else:
-            with eval_mode(self.model):
-                weight, state = self._state()[0]
-        if weight <= 0:
-            raise ValueError("data holds no samples: the batch weights sum to zero")
-        return state
 
     def _iter_states(self) -> Iterator[tuple[float, Any]]:
         if self.cache:
             yield from self._state()
         else:
             for b in self.batches():
-                yield self.batch_weight(b), self._prepare(b)
+                with eval_mode(self.model):
+                    state = self._prepare(b)
+                yield self.batch_weight(b), state
 
     def clear_cache(self) -> None:
         """Drop the cached graphs (they are rebuilt on the next product)."""
@@ -373,13 +365,15 @@ class ModelOperator(CurvatureOperator):
     def _matmat(self, vs: torch.Tensor) -> torch.Tensor:
         vs = vs.to(self.dtype)
         if self.single:  # one batch: its product, unweighted (no rounding from the average)
-            return self._batch_product(self._single_state(), vs)
+            ((weight, state),) = self._state()
+            if weight <= 0:
+                raise ValueError("data holds no samples: the batch weights sum to zero")
+            return self._batch_product(state, vs)
         total = torch.zeros_like(vs)
         weight_sum = 0.0
-        with eval_mode(self.model):
-            for weight, state in self._iter_states():
-                total.add_(self._batch_product(state, vs), alpha=weight)
-                weight_sum += weight
+        for weight, state in self._iter_states():
+            total.add_(self._batch_product(state, vs), alpha=weight)
+            weight_sum += weight
         if weight_sum <= 0:
             raise ValueError("data holds no samples: the batch weights sum to zero")
         return total.div_(weight_sum)

@@ -124,7 +124,9 @@ def _neyman(
     idx = [(labels == g).nonzero().flatten() for g in range(groups)]
     q = []
     for g in range(groups):
-        v = torch.randn(idx[g].numel(), generator=pilot_gen, dtype=torch.float64)
+        v = random_vectors(
+            1, idx[g].numel(), generator=pilot_gen, distribution="gaussian", dtype=torch.float64
+        )[0]
         q.append((v / torch.linalg.vector_norm(v)).to(op.dtype).to(op.device))
     pilots = torch.cat([_embed(op, idx[g], q[g][None]) for g in range(groups)])
     aq = _apply(op, pilots, block)
