@@ -1,14 +1,19 @@
-"""Atomic file writes: nothing a user had is lost if a write is interrupted."""
+"""Atomic file writes (nothing a user had is lost if a write is interrupted) and checked,
+code-free checkpoint loads."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write"]
+import torch
+
+__all__ = ["atomic_write", "load_checkpoint", "CheckpointError"]
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> None:
@@ -30,3 +35,65 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class CheckpointError(ValueError):
+    """A file that should hold a ``torch.save`` checkpoint cannot be read; the message names the
+    file and says what is wrong with it (missing, a folder, empty, truncated, not a checkpoint,
+    or objects that only an unsafe load would read)."""
+
+
+#: The first bytes of torch's legacy (pre-zip) format: pickle protocol 2 and torch's magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say which file
+    and what is wrong, as :class:`CheckpointError` (a ``ValueError``).
+
+    Only tensors, plain containers, numbers and strings are loaded: a file holding other objects
+    (whose unpickling could run code) is refused, never loaded with ``weights_only=False``.
+    ``what`` names the file's role in the messages (``"checkpoint"``, ``"model file"``...).
+    """
+    path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if not path.exists():
+        raise CheckpointError(f"{name} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{name} is a directory, not a file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_LEGACY_MAGIC))
+        size = path.stat().st_size
+    except OSError as err:
+        raise CheckpointError(f"{name} cannot be read: {_first_line(err)}") from err
+    if size == 0:
+        raise CheckpointError(f"{name} is empty (0 bytes)")
+    is_zip = head.startswith(_ZIP_MAGIC)
+    if not is_zip and not head.startswith(_LEGACY_MAGIC):
+        raise CheckpointError(
+            f"{name} is not a torch.save file (neither torch's zip archive nor its legacy format)"
+        )
+    if is_zip:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{name} is truncated or corrupted: a torch.save archive of {size} bytes without "
+                "its end (an interrupted copy or write?)"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "weights only load failed" in str(err).lower():
+            raise CheckpointError(
+                f"{name} holds objects other than tensors, containers, numbers and strings; it is "
+                "not loaded, since unpickling them could run code (weights_only=True)"
+            ) from err
+        raise CheckpointError(f"{name} is truncated or corrupted: {_first_line(err)}") from err

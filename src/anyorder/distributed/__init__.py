@@ -5,7 +5,7 @@ processes."""
 
 from anyorder.distributed.launch import DistributedRun, ddp_bytes_per_step, launch
 from anyorder.distributed.payload import ScalarCodec
-from anyorder.distributed.seedlog import SeedLog, atomic_save
+from anyorder.distributed.seedlog import SeedLog, SeedLogError, TornLogLineWarning, atomic_save
 from anyorder.distributed.trainer import (
     DEFAULT_TIMEOUT,
     ReplicaDivergenceError,
@@ -22,6 +22,8 @@ __all__ = [
     "replay",
     "ScalarCodec",
     "SeedLog",
+    "SeedLogError",
+    "TornLogLineWarning",
     "atomic_save",
     "DistributedRun",
     "launch",

@@ -25,6 +25,7 @@ checkpoint and log intact.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -38,9 +39,10 @@ import torch.distributed as dist
 from torch import nn
 
 from anyorder.core.closure import call_closure
+from anyorder.core.files import CheckpointError, load_checkpoint
 from anyorder.core.rng import derive_seed
 from anyorder.distributed.payload import ScalarCodec, decode, encode
-from anyorder.distributed.seedlog import SeedLog, atomic_save
+from anyorder.distributed.seedlog import SeedLog, SeedLogError, atomic_save
 from anyorder.optim.zo import _ZeroOrderOptimizer
 
 __all__ = ["ZOTrainer", "WorkerLostError", "ReplicaDivergenceError", "replay", "DEFAULT_TIMEOUT"]
@@ -62,6 +64,17 @@ class WorkerLostError(RuntimeError):
 
 class ReplicaDivergenceError(RuntimeError):
     """The ranks' weights are no longer bit-identical."""
+
+
+def _check_checkpoint(state: Any, path: Path) -> None:
+    """A loaded checkpoint must be the trainer's: a dict with these entries."""
+    keys = {"model", "optimizer", "codec", "step"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a ZOTrainer checkpoint: expected the entries "
+            f"{sorted(keys)}, got {got}"
+        )
 
 
 def replay(
@@ -281,29 +294,78 @@ class ZOTrainer:
 
     def resume(self) -> int:
         """Load the last checkpoint (if any) and replay the seed log after it; every rank calls
-        this before training. Returns the step training continues from."""
+        this before training. Returns the step training continues from.
+
+        The checkpoint is loaded with ``weights_only=True`` (it holds only tensors, containers,
+        numbers and strings). Nothing is lost silently: a damaged log or a gap between the
+        checkpoint and the log raises :class:`~anyorder.distributed.seedlog.SeedLogError`, an
+        unreadable checkpoint :class:`~anyorder.core.files.CheckpointError`, both naming the file,
+        before the model, the optimizer or any file is changed. Only a torn last log line (a
+        crash while writing it) is dropped, with a warning, and rank 0 removes it from the file.
+        Without a checkpoint, a log that starts at step 0 is replayed in full on the model's
+        current (initial) weights, which must then be the run's initial weights, as for a fresh
+        start; a log that starts later (its first steps live only in the missing checkpoint)
+        raises.
+        """
         if self.checkpoint_dir is None:
             raise ValueError("no checkpoint_dir was given")
         path = self.checkpoint_dir / CHECKPOINT
-        start = 0
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.optimizer.estimator.portable = True
-            self.codec.load_state_dict(state["codec"])
+        log = SeedLog(self.checkpoint_dir / SEED_LOG)
+        entries = list(log.entries())  # checked in full first: raises on damage or a gap
+        state = load_checkpoint(path) if path.exists() else None
+        if state is not None:
+            _check_checkpoint(state, path)
             start = int(state["step"])
-        expected = start
-        entries = []
-        for entry in SeedLog(self.checkpoint_dir / SEED_LOG).entries(start):
-            if entry[0] != expected:
-                break  # a gap cannot be replayed; stop at the last contiguous step
-            entries.append(entry)
-            expected += 1
-        replay(self.optimizer, entries, self.codec)
+        else:
+            start = 0
+            if int(self.optimizer.global_state["step"]) != 0 and entries:
+                raise ValueError(
+                    f"no checkpoint in {str(self.checkpoint_dir)!r}, so the seed log is replayed "
+                    "from step 0, but the optimizer is at step "
+                    f"{self.optimizer.global_state['step']}: resume() a freshly built model and "
+                    "optimizer"
+                )
+        if entries and entries[0][0] > start:
+            where = (
+                f"the checkpoint {str(path)!r} is at step {start}"
+                if state is not None
+                else f"there is no checkpoint {str(path)!r}"
+            )
+            raise SeedLogError(
+                f"seed log {str(log.path)!r} starts at step {entries[0][0]} but {where}: steps "
+                f"{start}..{entries[0][0] - 1} are in neither, and resuming would lose them; "
+                "restore the checkpoint (nothing was changed)"
+            )
+        if state is not None:
+            self._load_state(state, path)
+        if self.rank == 0:
+            (self.log or log).drop_torn_tail()
+        replay(self.optimizer, [e for e in entries if e[0] >= start], self.codec)
         if self.distributed:
             self.check_replicas()
         return int(self.optimizer.global_state["step"])
+
+    def _load_state(self, state: dict[str, Any], path: Path) -> None:
+        """Load a checkpoint's states; if one does not fit, put everything back and raise."""
+        backup = (
+            copy.deepcopy(self.model.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()),
+            self.codec.state_dict(),
+        )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.codec.load_state_dict(state["codec"])
+        except Exception as err:
+            self.model.load_state_dict(backup[0])
+            self.optimizer.load_state_dict(backup[1])
+            self.codec.load_state_dict(backup[2])
+            first = " ".join(str(err).split())[:300]
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this trainer's model and optimizer "
+                f"({type(err).__name__}: {first}); nothing was changed"
+            ) from err
+        self.optimizer.estimator.portable = True
 
     # -- reporting -------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
