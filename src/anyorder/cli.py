@@ -246,16 +246,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _load_checkpoint(model: object, path: Path) -> None:
-    import torch
+    from anyorder.core.files import CheckpointError, load_checkpoint
 
-    if not path.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: one line, exit 2
-        raise UsageError(
-            f"checkpoint {str(path)!r} is not a torch.save file: {str(err).splitlines()[0]}"
-        ) from err
+    try:  # weights_only=True; empty, truncated, foreign or unsafe files: one line naming the file
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

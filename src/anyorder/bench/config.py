@@ -23,11 +23,13 @@ table for the optimizer, the config's table for the optimizer on that task.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from anyorder.bench.checks import check_config
 from anyorder.bench.registry import OptimizerSpec, get_optimizer
 
 if sys.version_info >= (3, 11):
@@ -45,26 +47,33 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and check a ``.toml``, ``.yaml`` or ``.yml`` config file."""
+    """Read and check a ``.toml``, ``.yaml`` or ``.yml`` config file: its layout, then its names
+    and values (:func:`anyorder.bench.checks.check_config`), all before anything runs.
+    Raises :class:`ConfigError` with a one-line message naming the file (and the line, the table
+    or the key)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(
+            f"config file {str(path)!r}: unknown format {suffix!r}; use .toml, .yaml or .yml"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from err
     try:
         if suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif suffix in (".yaml", ".yml"):
+            data = tomllib.loads(text)
+        else:
             import yaml
 
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        else:
-            raise ConfigError(
-                f"config file {str(path)!r}: unknown format {suffix!r}; use .toml, .yaml or .yml"
-            )
-    except ConfigError:
-        raise
-    except Exception as err:  # parser errors differ by library; report them uniformly
-        raise ConfigError(f"config file {str(path)!r} could not be parsed: {err}") from err
+            data = yaml.safe_load(text) or {}
+    except Exception as err:  # parser errors differ by library; report them in one line
+        raise ConfigError(f"config file {str(path)!r}{_parse_error(err)}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table/mapping at the top level")
     unknown = set(data) - _TOP_LEVEL
@@ -79,7 +88,27 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"config file {str(path)!r}: [{section}] must map names to tables of settings"
             )
+    try:
+        check_config(data, path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return data
+
+
+def _parse_error(err: Exception) -> str:
+    """``", line N: what"`` from a YAML or TOML parser's error, on one line."""
+    mark = getattr(err, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        context = getattr(err, "context", None)
+        what = f"{problem} ({' '.join(str(context).split())})" if context else problem
+        return f", line {mark.line + 1}, column {mark.column + 1}: {what}"
+    text = " ".join(str(err).split())
+    found = re.search(r"\(at line (\d+), column (\d+)\)", text)  # tomllib.TOMLDecodeError
+    if found:
+        what = text.replace(found.group(0), "").strip()
+        return f", line {found.group(1)}, column {found.group(2)}: {what}"
+    return f" could not be parsed: {text}"
 
 
 def resolve_optimizer(

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from anyorder.bench.checks import OutDirError, check_out_dir, json_safe
 from anyorder.bench.runner import HistoryPoint, RunResult, SuiteResult
 from anyorder.core.files import atomic_write
 
@@ -25,6 +26,7 @@ __all__ = [
     "format_table",
     "atomic_write",
     "OutDirExistsError",
+    "OutDirError",
     "load_results",
 ]
 
@@ -61,14 +63,21 @@ class OutDirExistsError(FileExistsError):
 
 
 def prepare_out_dir(path: str | Path) -> Path:
-    """Create ``path``; a non-empty existing directory (or a file) is never overwritten."""
+    """Create ``path``; a non-empty existing directory (or a file) is never overwritten, and a
+    folder that cannot receive files is refused (:class:`~anyorder.bench.checks.OutDirError`)."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise OutDirExistsError(
             f"output directory {str(path)!r} already exists and is not empty; "
             "choose another --out or remove it"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    check_out_dir(path)  # under a file, on /proc or /sys, not writable: OutDirError
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutDirError(
+            f"output directory {str(path)!r} cannot be created: {err.strerror or err}"
+        ) from None
     return path
 
 
@@ -151,7 +160,7 @@ def _csv_bytes(runs: list[RunResult]) -> bytes:
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for r in runs:
-        d = r.to_dict()
+        d = json_safe(r.to_dict())
         row = {k: d[k] for k in CSV_COLUMNS}
         row["hyperparameters"] = json.dumps(d["hyperparameters"], sort_keys=True)
         row["task_options"] = json.dumps(d["task_options"], sort_keys=True)
@@ -237,7 +246,8 @@ def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:
     """Write every output file into ``out_dir`` (which must exist); returns their paths."""
     out = Path(out_dir)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "html": out / "index.html"}
-    atomic_write(paths["json"], json.dumps(result.to_dict(), indent=1, allow_nan=False).encode())
+    data = json_safe(result.to_dict())  # NaN/inf anywhere (hyperparameters, monitor) -> null
+    atomic_write(paths["json"], json.dumps(data, indent=1, allow_nan=False).encode())
     atomic_write(paths["csv"], _csv_bytes(result.runs))
     plots: dict[str, str] = {}
     by_task: dict[str, list[RunResult]] = {}
