@@ -17,6 +17,7 @@ import argparse
 import json
 import tempfile
 
+from anyorder.bench.distributed import bench_job
 from anyorder.distributed.launch import DistributedRun, ddp_bytes_per_step, launch
 
 
@@ -31,7 +32,8 @@ def main() -> None:
     rows = []
     for world in map(int, args.worlds.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            result = launch(world, DistributedRun(args.task, args.optimizer, steps=args.steps), tmp)
+            run = DistributedRun(bench_job(args.task, args.optimizer), steps=args.steps)
+            result = launch(world, run, tmp)
         if "failed" in result:
             raise SystemExit(f"world {world} failed: {result}")
         result.pop("losses", None)

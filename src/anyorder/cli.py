@@ -197,6 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    notes: list[str] = []
     try:
         config = load_config(args.config) if args.config else {}
         plan = plan_suite(
@@ -207,23 +208,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             config=config,
             time_budget_s=args.time_budget,
-            log=log,
+            log=notes.append,
         )
-        if args.distributed is not None and args.device != "cpu":
-            raise UsageError("--distributed runs on CPU processes (gloo); drop --device")
+        if args.distributed is not None:
+            if args.device != "cpu":
+                raise UsageError("--distributed runs on CPU processes (gloo); drop --device")
+            from anyorder.bench.distributed import select_distributed
+
+            plan = select_distributed(plan, notes.append)
         out_dir = prepare_out_dir(out)
     except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:
         raise UsageError(str(err)) from err
+    for note in notes:  # said only once the input is good: a usage error is one line
+        log(note)
 
     if args.distributed is not None:
         from anyorder.bench.distributed import format_distributed_table, run_distributed
 
         try:
-            data = run_distributed(plan, args.distributed, out_dir, seed=args.seed, log=log)
+            result = run_distributed(
+                plan, args.distributed, out_dir, seed=args.seed, suite=args.suite, log=log
+            )
         except ValueError as err:
             raise UsageError(str(err)) from err
-        print(format_distributed_table(data))
-        print(f"\nwrote {out_dir / 'results.json'}")
+        write_report(result, out_dir)
+        print(format_table(result))
+        print()
+        print(format_distributed_table(result))
+        print(f"\nwrote {out_dir / 'results.json'}, results.csv, plots and index.html")
         return 0
 
     monitor_every = args.monitor_every

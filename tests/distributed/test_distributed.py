@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from anyorder.bench.registry import get_optimizer, get_task
+from anyorder.bench.distributed import bench_job
 from anyorder.distributed import (
     DistributedRun,
     ScalarCodec,
@@ -27,18 +27,18 @@ TASK = "breast-cancer-logreg"
 STEPS = 40
 
 
+JOB = bench_job(TASK, "zo-sgd", seed=0)
+
+
 def _fresh(run: DistributedRun):
-    task = get_task(run.task)()
-    spec = get_optimizer(run.optimizer)
-    model = task.init_model(run.seed)
-    opt = spec.build(model.parameters(), spec.hyperparameters(task.name, run.hyperparameters))
-    return task, model, opt
+    job = run.job()  # what every rank builds: the same initial model and optimizer
+    return job.task, job.model, job.optimizer
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run = DistributedRun(TASK, steps=STEPS, checkpoint_every=0, check_every=10)
+    run = DistributedRun(JOB, steps=STEPS, checkpoint_every=0, check_every=10)
     return run, out, launch(3, run, out)
 
 
@@ -63,7 +63,7 @@ def test_training_converges_and_8_bit_scalars_stay_within_the_stated_gap(uninter
     run, _, result = uninterrupted
     first = sum(result["losses"][:5]) / 5
     assert result["final_loss"] < 0.6 * first  # it trains
-    quantised = launch(3, DistributedRun(TASK, steps=STEPS, quantize_bits=8), tmp_path)
+    quantised = launch(3, DistributedRun(JOB, steps=STEPS, quantize_bits=8), tmp_path)
     assert "failed" not in quantised, quantised
     assert quantised["bytes_sent_per_step"] < 8  # 4 + 1 bytes after the first (float32) step
     q = quantised["quantization"]
@@ -77,14 +77,14 @@ def test_a_killed_rank_is_detected_and_a_restart_loses_nothing(uninterrupted, tm
     killed = launch(
         3,
         DistributedRun(
-            TASK, steps=STEPS, checkpoint_every=10, check_every=10, kill_at=(2, 25), timeout_s=20.0
+            JOB, steps=STEPS, checkpoint_every=10, check_every=10, kill_at=(2, 25), timeout_s=20.0
         ),  # fmt: skip
         tmp_path,
     )
     assert killed["failed"].get(2) == 1
     survivors = {e["rank"]: e["error"] for e in killed["errors"]}
     assert set(survivors) == {0, 1} and all("peer left" in e for e in survivors.values())
-    resumed = launch(3, DistributedRun(TASK, steps=STEPS, checkpoint_every=10, resume=True),
+    resumed = launch(3, DistributedRun(JOB, steps=STEPS, checkpoint_every=10, resume=True),
                      tmp_path)  # fmt: skip
     assert "failed" not in resumed, resumed
     assert resumed["resumed_from"] == 25  # checkpoint at 20 + the log's steps 20..24
@@ -179,6 +179,8 @@ def test_bad_configurations_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="check_every must be an integer"):
         ZOTrainer(model, ZOSGD(model.parameters(), lr=0.1), check_every=-1)
     with pytest.raises(ValueError, match="world must be a positive integer"):
-        launch(0, DistributedRun(TASK), "/tmp/unused")
+        launch(0, DistributedRun(JOB), "/tmp/unused")
+    with pytest.raises(TypeError, match="DistributedRun.job must be picklable"):
+        launch(1, DistributedRun(lambda: None), "/tmp/unused")
     with pytest.raises(ValueError, match="one projected gradient per query"):
         ZOSGD(model.parameters(), lr=0.1).apply_queries(0, [1, 2], [0.5])

@@ -79,7 +79,7 @@ class RunResult:
     time_per_step_s: float | None
     total_time_s: float
     inference_time_s: float | None
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None  # None where not measured (``--distributed`` runs)
     inference_peak_memory_bytes: int
     forward_evals: int
     backward_evals: int
@@ -91,6 +91,9 @@ class RunResult:
     #: ``anyorder bench --monitor``: the Hessian monitor's settings, records and seconds
     #: (``anyorder.hessian.HessianMonitor.to_dict``), or ``None`` when not monitored.
     monitor: dict[str, Any] | None = None
+    #: ``anyorder bench --distributed N``: bytes per step, queries per second, ... of the run
+    #: across N processes (``anyorder.bench.distributed``), or ``None`` for a single process.
+    distributed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
