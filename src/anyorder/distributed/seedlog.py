@@ -100,18 +100,16 @@ class SeedLog:
         if self.fsync:
             os.fsync(self._fh.fileno())
 
-    def _read(self) -> tuple[list[LogEntry], int | None]:
-        """Every complete entry, checked; and the byte offset where a torn last line starts
-        (``None`` if the file ends with a complete line)."""
+    def _read(self) -> tuple[list[LogEntry], bytes]:
+        """Every complete entry, checked; and the file's bytes up to its last complete line
+        (shorter than the file when the last line is torn)."""
         if not self.path.exists():
-            return [], None
+            return [], b""
         if self.path.is_dir():
             raise SeedLogError(f"seed log {str(self.path)!r} is a directory, not a file")
         data = self.path.read_bytes()
         lines = data.split(b"\n")
-        torn_at = None
         if lines[-1]:  # no final newline: the last write was cut off
-            torn_at = len(data) - len(lines[-1])
             warnings.warn(
                 f"seed log {str(self.path)!r}: line {len(lines)} is cut off (a crash while it was "
                 "written; that step was never applied); ignoring it",
@@ -140,7 +138,7 @@ class SeedLog:
                     "be replayed past the gap: restore the file (nothing was changed)"
                 )
             entries.append(entry)
-        return entries, torn_at
+        return entries, data[: len(data) - len(lines[-1])]
 
     def entries(self, from_step: int = 0) -> Iterator[LogEntry]:
         """Entries with ``step >= from_step``, in order. The whole file is checked first: a
@@ -152,11 +150,13 @@ class SeedLog:
     def drop_torn_tail(self) -> bool:
         """Remove a torn last line from the file (atomically) so that appends start on a fresh
         line; returns whether there was one. A damaged log raises and is left as it is."""
-        entries, torn_at = self._read()
-        if torn_at is None:
+        if not self.path.exists():
+            return False
+        _, complete = self._read()
+        if len(complete) == self.path.stat().st_size:
             return False
         self.close()
-        atomic_write(self.path, self.path.read_bytes()[:torn_at])
+        atomic_write(self.path, complete)
         return True
 
     def truncate_before(self, step: int) -> None:
