@@ -181,3 +181,14 @@ def test_the_checkpoint_loads_with_weights_only(tmp_path) -> None:
     _train(tmp_path, 5)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["step"] == 4 and json.dumps(state["codec"])
+
+
+def test_a_fresh_run_in_a_used_folder_is_refused_before_it_changes_anything(tmp_path) -> None:
+    _train(tmp_path, 5)
+    before = _snapshot(tmp_path)
+    trainer, model, closure = _trainer(tmp_path)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoint.pt, seeds.jsonl\)"):
+        trainer.step(closure)  # without resume(): it would replace the checkpoint, mix the logs
+    assert _snapshot(tmp_path) == before
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))

@@ -164,6 +164,7 @@ class ZOTrainer:
             else None
         )
         self._backup: list[torch.Tensor] | None = None
+        self._dir_checked = self.checkpoint_dir is None  # see _check_unclaimed_dir
         self.stats = {"steps": 0, "skipped_queries": 0, "payload_bytes": 0, "wire_bytes": 0,
                       "check_bytes": 0, "compute_s": 0.0, "exchange_s": 0.0, "update_s": 0.0}  # fmt: skip
 
@@ -224,6 +225,8 @@ class ZOTrainer:
         """One distributed step (see the module docstring); returns this rank's mean loss."""
         if closure is None:
             raise ValueError("ZOTrainer.step needs a closure evaluating this rank's batch")
+        if not self._dir_checked:
+            self._check_unclaimed_dir()
         opt = self.optimizer
         step = int(opt.global_state["step"])
         params = self._params()
@@ -341,9 +344,29 @@ class ZOTrainer:
         if self.rank == 0:
             (self.log or log).drop_torn_tail()
         replay(self.optimizer, [e for e in entries if e[0] >= start], self.codec)
+        self._dir_checked = True
         if self.distributed:
             self.check_replicas()
         return int(self.optimizer.global_state["step"])
+
+    def _check_unclaimed_dir(self) -> None:
+        """Before the first step of a run that did not :meth:`resume`: refuse a checkpoint folder
+        holding another run's checkpoint or seed log (training would replace the checkpoint and
+        mix the two logs)."""
+        assert self.checkpoint_dir is not None
+        found = [
+            name
+            for name in (CHECKPOINT, SEED_LOG)
+            if (self.checkpoint_dir / name).exists()
+            and (self.checkpoint_dir / name).stat().st_size > 0
+        ]
+        if found:
+            raise ValueError(
+                f"checkpoint_dir {str(self.checkpoint_dir)!r} holds a previous run "
+                f"({', '.join(found)}): call resume() to continue it, or train in an empty folder "
+                "(nothing was changed)"
+            )
+        self._dir_checked = True
 
     def _load_state(self, state: dict[str, Any], path: Path) -> None:
         """Load a checkpoint's states; if one does not fit, put everything back and raise."""
