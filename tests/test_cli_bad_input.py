@@ -48,7 +48,8 @@ def test_a_bad_config_is_refused_before_anything_runs(
     monkeypatch.chdir(tmp_path)
     (tmp_path / name).write_text(text)
     out = tmp_path / "out"
-    line = _bad(capsys, "bench", "--config", name, "--out", str(out))
+    cheap = ["--tasks", "rosenbrock", "--steps", "1"]  # were a check missing: seconds, not a suite
+    line = _bad(capsys, "bench", *cheap, "--config", name, "--out", str(out))
     assert message in line
     assert not out.exists()
 
@@ -140,7 +141,7 @@ def test_bad_input_as_users_meet_it_in_a_subprocess(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "file").write_text("x")
     cases = [
-        ["bench", "--config", "nan.toml", "--out", "o"],
+        ["bench", "--tasks", "rosenbrock", "--steps", "1", "--config", "nan.toml", "--out", "o"],
         ["bench", "--tasks", "rosenbrock", "--out", "file/o"],
         ["hessian", "--task", "digits-mlp", "--checkpoint", "empty.pt", "--out", "o"],
     ]
