@@ -3,7 +3,7 @@ Byte (per gradient)"): :class:`ZOTrainer` on ``torch.distributed`` (gloo on CPU,
 the seed log and atomic checkpoints that make runs resumable, and :func:`launch` for N local
 processes."""
 
-from anyorder.distributed.launch import DistributedRun, ddp_bytes_per_step, launch
+from anyorder.distributed.launch import DistributedJob, DistributedRun, ddp_bytes_per_step, launch
 from anyorder.distributed.payload import ScalarCodec
 from anyorder.distributed.seedlog import SeedLog, SeedLogError, TornLogLineWarning, atomic_save
 from anyorder.distributed.trainer import (
@@ -25,6 +25,7 @@ __all__ = [
     "SeedLogError",
     "TornLogLineWarning",
     "atomic_save",
+    "DistributedJob",
     "DistributedRun",
     "launch",
     "ddp_bytes_per_step",
