@@ -118,6 +118,14 @@ def test_cbxpy_settings_with_random_batches_raise_early_naming_the_cause() -> No
     torch.testing.assert_close(ackley(result.x[None])[0].item(), result.fun)
 
 
+def test_positions_that_overflow_between_records_are_named_as_divergence() -> None:
+    # recording only at the last iteration: the swarm has overflowed to inf/NaN by then
+    with pytest.raises(SwarmDivergedError, match="became non-finite") as info:
+        minimize(ackley, bounds=[(-3.0, 3.0)] * 20, seed=0, max_iters=2000, record_every=10**6,
+                 **CBXPY)  # fmt: skip
+    assert "batch_size=5" in str(info.value) and info.value.result.nit == 1999  # seen at the last
+
+
 def test_cbxpy_settings_with_every_particle_interacting_succeed() -> None:
     result = minimize(ackley, bounds=[(-3.0, 3.0)] * 20, seed=0, batch_size=None, **CBXPY)
     assert result.success and float(result.x.abs().max()) < 1e-3

@@ -295,6 +295,8 @@ def minimize(
                 low = float(low)
                 if not math.isfinite(low):
                     success, message = False, "every particle's value is non-finite; stopped"
+                    if not bool(torch.isfinite(x).all()):  # the positions overflowed
+                        message, diverged = monitor.check(it, math.nan, False), True
                     break
                 improved = low < best_fun
                 if improved:
