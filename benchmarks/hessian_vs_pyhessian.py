@@ -12,6 +12,10 @@ the cost of ``HessianMonitor`` at its default interval as a fraction of training
     python benchmarks/hessian_vs_pyhessian.py [--models mlp cnn] [--no-monitor] [--repeats 3]
         [--trace-seeds 10] [--trace99-seeds 10] [--threads 2] [--json out.json]
 
+    # the top-1 eigenvalue only, at several tolerances, on all four models (issue 13)
+    python benchmarks/hessian_vs_pyhessian.py --models mlp cnn gelu tanh \
+        --top1-tols 1e-4 1e-3 1e-2 3e-2 1e-1 --seeds 5 --repeats 3
+
 Peers are benchmark-only: ``pip install --no-deps pyhessian hessian-eigenthings``.
 """
 
@@ -62,6 +66,99 @@ class SmallCNN(nn.Module):
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return SmallCNN()
+
+
+def gelu_mlp() -> nn.Module:
+    """A third model (issue 13), not one the stop rule was tuned on: deeper, GELU, 47,114
+    parameters; its top eigenvalues form a tight cluster (the second is 0.985 of the first)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 160), nn.GELU(), nn.Linear(160, 160), nn.GELU(), nn.Linear(160, 64),
+        nn.GELU(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def tanh_mlp() -> nn.Module:
+    """A fourth model (issue 13): 64-200-150-10, tanh, 44,660 parameters."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Linear(64, 200), nn.Tanh(), nn.Linear(200, 150), nn.Tanh(), nn.Linear(150, 10)
+    )
+
+
+def top1_sweep(
+    model: nn.Module, batch: Any, tols: list[float], seeds: int, repeats: int
+) -> list[dict[str, Any]]:
+    """Top-1 eigenvalue only: PyHessian (its defaults) against ``eigenvalues(op, 1, tol=t)`` for
+    every ``t`` in ``tols`` with the default start, interleaved seed by seed; expected times
+    (mean over seeds of each seed's median), errors against a float64 reference (Lanczos to
+    1e-11), products."""
+    import importlib
+
+    from pyhessian import hessian as PyHessian
+
+    m64 = copy.deepcopy(model).double()
+    truth = eigenvalues(
+        Hessian(m64, F.cross_entropy, (batch[0].double(), batch[1])), 1, tol=1e-11, max_iter=400
+    ).eigenvalues[0]
+    module = importlib.import_module("pyhessian.hessian")
+    original, calls = module.hessian_vector_product, [0]
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return original(*args)
+
+    def pyhessian(seed: int) -> tuple[float, int]:
+        for p in model.parameters():
+            p.grad = None
+        calls[0] = 0
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            values = PyHessian(model, F.cross_entropy, data=batch, cuda=False).eigenvalues(top_n=1)
+        model.train()
+        return float(values[0][0]), calls[0]
+
+    def ours(seed: int, tol: float) -> tuple[float, int]:
+        spec = eigenvalues(Hessian(model, F.cross_entropy, batch), 1, tol=tol, seed=seed)
+        return spec.eigenvalues[0], spec.matvecs
+
+    configs: dict[str, Callable[[int], tuple[float, int]]] = {"pyhessian": pyhessian}
+    for tol in tols:
+        configs[f"anyorder tol={tol:g}"] = lambda s, tol=tol: ours(s, tol)
+    times = {c: [] for c in configs}
+    errors = {c: [] for c in configs}
+    products = {c: [] for c in configs}
+    module.hessian_vector_product = counted
+    try:
+        for seed in range(seeds):
+            per = {c: [] for c in configs}
+            for r in range(repeats):
+                for label, run in configs.items():
+                    t0 = time.perf_counter()
+                    value, used = run(seed)
+                    per[label].append(time.perf_counter() - t0)
+                    if r == 0:
+                        errors[label].append(rel(value, truth))
+                        products[label].append(used)
+            for label in configs:
+                times[label].append(statistics.median(per[label]))
+    finally:
+        module.hessian_vector_product = original
+    base = statistics.mean(times["pyhessian"])
+    rows = []
+    for label in configs:
+        s = statistics.mean(times[label])
+        rows.append({
+            "library": label, "s": s, "vs_pyhessian": s / base, "truth": truth,
+            "rel_err": statistics.median(errors[label]), "max_rel_err": max(errors[label]),
+            "matvecs": products[label],
+        })  # fmt: skip
+        print(
+            f"{label:24s} {s:7.3f} s  x{s / base:.2f}  rel err {rows[-1]['rel_err']:.1e} / "
+            f"{rows[-1]['max_rel_err']:.1e}  products {products[label]}",
+            flush=True,
+        )
+    return rows
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -436,7 +533,14 @@ def main() -> None:
     parser.add_argument(
         "--trace99-seeds", type=int, default=10, help="seeds of the 99-product trace rows"
     )
-    parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
+    parser.add_argument(
+        "--models", nargs="+", choices=("mlp", "cnn", "gelu", "tanh"), default=["mlp", "cnn"]
+    )
+    parser.add_argument(
+        "--top1-tols", type=float, nargs="+",
+        help="only the top-1 eigenvalue: PyHessian against anyorder at these tolerances",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=5, help="start seeds of --top1-tols")
     parser.add_argument("--no-monitor", action="store_true", help="skip the monitor's cost")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the figures to this file")
@@ -444,7 +548,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x, y = digits()
     results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    models = {"mlp": ("MLP 64-256-128-10", mlp), "cnn": ("CNN 16-32 conv", cnn)}
+    models = {
+        "mlp": ("MLP 64-256-128-10", mlp),
+        "cnn": ("CNN 16-32 conv", cnn),
+        "gelu": ("MLP 64-160-160-64-10 GELU", gelu_mlp),
+        "tanh": ("MLP 64-200-150-10 tanh", tanh_mlp),
+    }
+    if args.top1_tols:
+        for key in args.models:
+            label, make = models[key]
+            model = make()
+            n = sum(p.numel() for p in model.parameters())
+            print(f"\n== {label}: {n} parameters, top-1 ==", flush=True)
+            results[key] = top1_sweep(model, (x, y), args.top1_tols, args.seeds, args.repeats)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     for key in args.models:
         label, make = models[key]
         results[key] = compare(

@@ -10,6 +10,7 @@ random batches); Riedl, Klock, Geldhauser & Fornasier, "Gradient is All You Need
 """
 
 from anyorder.cbo import dynamics, functions
+from anyorder.cbo.divergence import SwarmDivergedError
 from anyorder.cbo.minimize import CBOResult, minimize
 
-__all__ = ["minimize", "CBOResult", "dynamics", "functions"]
+__all__ = ["minimize", "CBOResult", "SwarmDivergedError", "dynamics", "functions"]

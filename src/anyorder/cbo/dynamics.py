@@ -17,7 +17,9 @@ Jin, Li & Liu) the particles are split at random into groups of ``batch_size`` a
 each group drifts toward its own consensus. "Gradient is All You Need?" (Riedl, Klock, Geldhauser &
 Fornasier 2023) explains why this finds global minimisers of nonconvex, nonsmooth functions.
 
-Non-finite energies (NaN, ±inf) get weight zero: such a particle never pulls the consensus.
+Non-finite energies (NaN, ±inf) get weight zero: such a particle never pulls the consensus. A
+group of random-batch particles none of whose energies is finite has no consensus: its particles
+stay where they are for that step (no drift, and the noise, proportional to the drift, is zero).
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ NOISE_TYPES = ("isotropic", "anisotropic")
 
 
 def sanitize_energies(energies: torch.Tensor) -> torch.Tensor:
-    """``energies`` with every non-finite value (NaN, +inf, -inf) replaced by +inf (weight 0)."""
-    return torch.nan_to_num(energies, nan=math.inf, neginf=math.inf)
+    """``energies`` with every non-finite value (NaN, +inf, -inf) replaced by +inf (weight 0).
+
+    +inf stays +inf (``nan_to_num``'s default would map it to the largest finite float, which
+    counts as a finite energy: a swarm whose values are all +inf would then form a NaN consensus
+    instead of being reported as having no finite value)."""
+    return torch.nan_to_num(energies, nan=math.inf, posinf=math.inf, neginf=math.inf)
 
 
 def softmin_weights(energies: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -90,13 +96,21 @@ def batch_consensus(
     if pad:  # the padding repeats real particles: give the copies no weight
         group_energies.view(-1)[n:] = math.inf
     weights = softmin_weights(group_energies, alpha)
-    centres = torch.bmm(weights.to(x.dtype).unsqueeze(1), x[index])  # (groups, 1, d)
+    members = x[index]
+    centres = torch.bmm(weights.to(x.dtype).unsqueeze(1), members)  # (groups, 1, d)
+    # a group without a finite energy has no consensus: its particles are their own target
+    targets = torch.where(_has_finite(group_energies), centres, members)
     out = torch.empty_like(x)
     if pad:
-        out[perm] = centres.expand(groups, batch_size, d).reshape(-1, d)[:n]
+        out[perm] = targets.reshape(-1, d)[:n]
     else:
-        out[index] = centres.expand(groups, batch_size, d)
+        out[index] = targets
     return out
+
+
+def _has_finite(group_energies: torch.Tensor) -> torch.Tensor:
+    """``(groups, 1, 1)``: whether each group has at least one finite energy."""
+    return torch.isfinite(group_energies).any(-1)[:, None, None]
 
 
 def cbo_update_(
@@ -158,7 +172,8 @@ def random_batch_step(
     group_energies = energies.index_select(0, perm).view(groups, batch_size)
     weights = softmin_weights(group_energies, alpha)
     centres = torch.bmm(weights.to(x.dtype).unsqueeze(1), x)  # (groups, 1, d)
-    return cbo_update_(x, centres, drift_coef, noise_coef, noise, generator).view(n, d)
+    targets = torch.where(_has_finite(group_energies), centres, x)  # no consensus: no move
+    return cbo_update_(x, targets, drift_coef, noise_coef, noise, generator).view(n, d)
 
 
 def _draw_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,7 +1,8 @@
 """Standard test functions for global, derivative-free optimization, vectorised over points.
 
 Every function maps a tensor of shape ``(..., d)`` to shape ``(...)``, so one call evaluates a whole
-population of particles. Each :class:`TestFunction` records its global minimiser and minimum.
+population of particles. Each :class:`TestFunction` records its global minimiser and minimum;
+:func:`shifted` moves the minimiser away from the origin and rotates the axes (as COCO/BBOB does).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ __all__ = [
     "schwefel",
     "levy",
     "FUNCTIONS",
+    "ShiftedFunction",
+    "random_rotation",
+    "shifted",
 ]
 
 
@@ -108,3 +112,63 @@ FUNCTIONS: dict[str, TestFunction] = {
     "schwefel": TestFunction("schwefel", schwefel, SCHWEFEL_MINIMISER, 0.0, (-500.0, 500.0)),
     "levy": TestFunction("levy", levy, 1.0, 0.0, (-10.0, 10.0)),
 }
+
+
+def random_rotation(
+    dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """A uniformly random (Haar) orthogonal ``dim x dim`` matrix: the QR factor of a Gaussian matrix
+    with the signs of ``R``'s diagonal folded in (Mezzadri 2007), drawn from ``generator``."""
+    q, r = torch.linalg.qr(torch.randn((dim, dim), generator=generator, dtype=dtype))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@dataclass(frozen=True)
+class ShiftedFunction:
+    """``base(R (x − shift) + m)``: the test function ``base`` with its minimiser ``m`` moved to
+    ``shift`` and its axes turned by the orthogonal ``rotation`` ``R`` (``None``: not rotated), as
+    in the COCO/BBOB suite, so that a method cannot profit from a minimiser at the centre of the
+    start box or from separable coordinates. Its minimiser is ``shift``; its minimum is
+    ``base.minimum``."""
+
+    base: TestFunction
+    shift: torch.Tensor
+    rotation: torch.Tensor | None = None
+
+    __test__ = False  # not a pytest test class
+
+    @property
+    def minimum(self) -> float:
+        return self.base.minimum
+
+    def minimiser(self) -> torch.Tensor:
+        """The global minimiser, ``shift``."""
+        return self.shift.clone()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = x - self.shift.to(x)
+        if self.rotation is not None:
+            z = z @ self.rotation.to(x).T
+        return self.base.fn(z + self.base.minimiser(x.shape[-1], x.dtype).to(x.device))
+
+
+def shifted(
+    name: str,
+    dim: int,
+    *,
+    low: float = -2.0,
+    high: float = 2.0,
+    rotate: bool = True,
+    seed: int = 0,
+) -> ShiftedFunction:
+    """``FUNCTIONS[name]`` in ``dim`` dimensions with its minimiser drawn uniformly in
+    ``[low, high]^dim`` and (``rotate=True``) a random rotation, both from a generator seeded by
+    ``seed``: the same seed gives the same function."""
+    if name not in FUNCTIONS:
+        raise ValueError(f"unknown test function {name!r}; choose one of {', '.join(FUNCTIONS)}")
+    if not low < high:
+        raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
+    gen = torch.Generator().manual_seed(seed)
+    shift = low + (high - low) * torch.rand(dim, generator=gen, dtype=torch.float64)
+    rotation = random_rotation(dim, gen) if rotate else None
+    return ShiftedFunction(FUNCTIONS[name], shift, rotation)
