@@ -272,6 +272,14 @@ def _vjp_theta(
 ) -> tuple[torch.Tensor, ...]:
     """``-B^T u`` with ``B = dF/dtheta``."""
     x = tuple(x)
+    if _plain([*x, *theta, *u]) and not torch.is_grad_enabled():
+        # One backward through F (plain autograd, cheaper than torch.func.vjp); only where no
+        # graph is being recorded around it (a double backward needs the torch.func path).
+        with torch.enable_grad():
+            ths = tuple(t.detach().requires_grad_() for t in theta)
+            out = spec.optimality(tuple(t.detach() for t in x), ths)
+            g = torch.autograd.grad(out, ths, tuple(u), allow_unused=True)
+        return tuple(-torch.zeros_like(t) if gi is None else -gi for t, gi in zip(ths, g))
     _, pullback = torch.func.vjp(lambda *t: spec.optimality(x, t), *theta)
     return tuple(-g for g in pullback(tuple(u)))
 
