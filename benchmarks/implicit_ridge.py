@@ -128,7 +128,7 @@ def count_products(x, y, lam, rtol: float = 1e-5) -> dict[str, int]:
 
     @custom_root(
         lambda w, lam: g @ w - c + lam * w,
-        solve=lambda mv, b, **kw: solve_cg(counting("anyorder", mv), b, **kw),
+        solve=lambda mv, b, x0=None, **kw: solve_cg(counting("anyorder", mv), b, x0, **kw),
         solve_options={"rtol": rtol},
     )
     def inner(lam):

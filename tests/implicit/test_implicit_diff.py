@@ -309,3 +309,35 @@ def test_vmap_over_a_data_dependent_inner_solver():
     for gi, li in zip(got, lams):
         exact = ridge_hypergradient(x, y, xv, yv, li)[0]
         assert float((gi - exact).norm() / exact.norm()) <= 1e-9
+
+
+def test_warm_start_across_calls_saves_products():
+    x, y, xv, yv, lam = ridge_data()
+    n = x.shape[0]
+    gram, c = x.T @ x / n, x.T @ y / n
+
+    def make(warm):
+        @custom_root(
+            lambda w, lam: gram @ w - c + lam * w, solve_options={"rtol": 1e-10}, warm_start=warm
+        )
+        def ridge(lam):
+            return torch.linalg.solve(gram + torch.diag(lam), c)
+
+        return ridge
+
+    cold, warm = make(False), make(True)
+    used = {}
+    for name, f in (("cold", cold), ("warm", warm)):
+        used[name] = []
+        for k in range(3):  # an outer loop moving lambda a little
+            lk = (lam * (1 + 1e-4 * k)).requires_grad_()
+            g = torch.autograd.grad(val_loss(f(lk), xv, yv), lk)[0]
+            exact = ridge_hypergradient(x, y, xv, yv, lk.detach())[0]
+            assert float((g - exact).norm() / exact.norm()) <= 1e-8
+            used[name].append(f.last_solve.iterations)
+    assert used["warm"][0] == used["cold"][0]
+    assert all(w < c for w, c in zip(used["warm"][1:], used["cold"][1:]))
+    warm.reset()
+    lk = lam.clone().requires_grad_()
+    torch.autograd.grad(val_loss(warm(lk), xv, yv), lk)
+    assert warm.last_solve.iterations == used["cold"][0]

@@ -179,7 +179,13 @@ def _solve_systems(
     matvec = _products(spec, transpose, x, tuple(theta))
     out = []
     for r in rhs:
-        res = owner.solve(matvec, tuple(r), **owner.solve_options)
+        x0 = None
+        last = owner._last_adjoint if transpose and len(rhs) == 1 else None
+        if last is not None and [t.shape for t in last] == [t.shape for t in r]:
+            x0 = tuple(t.to(r[0]) for t in last)
+        res = owner.solve(matvec, tuple(r), x0, **owner.solve_options)
+        if owner.warm_start and transpose and len(rhs) == 1 and _plain(res.solution):
+            owner._last_adjoint = tuple(t.detach().clone() for t in res.solution)
         owner.last_solve = LinearSolveResult(
             solution=None,
             residual_norm=res.residual_norm,
@@ -363,7 +369,10 @@ class ImplicitFunction:
     an ``nn.Module``'s parameters as ``dict(module.named_parameters())``, used in the optimality
     function through ``torch.func.functional_call``). Keyword arguments go to the solver only and
     are not differentiated. ``last_solve`` holds the statistics of the latest linear solve
-    (``solution`` left out)."""
+    (``solution`` left out). With ``warm_start=True`` each adjoint solve of one right-hand side
+    starts from the previous one's solution (outside torch.func transforms; in an outer loop
+    where theta moves a little per step, as in AID, this saves most of the products);
+    ``reset()`` forgets it."""
 
     def __init__(
         self,
@@ -373,6 +382,7 @@ class ImplicitFunction:
         solve: str | Solve,
         solve_options: dict[str, Any] | None,
         kind: str,
+        warm_start: bool = False,
     ) -> None:
         if not callable(solver):
             raise TypeError(f"solver must be callable, got {type(solver).__name__}")
@@ -384,8 +394,16 @@ class ImplicitFunction:
         self.solve_options = dict(solve_options or {})
         self.kind = kind
         self.last_solve: LinearSolveResult | None = None
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start must be a bool, got {type(warm_start).__name__}")
+        self.warm_start = warm_start
+        self._last_adjoint: tuple[torch.Tensor, ...] | None = None
         self.__doc__ = getattr(solver, "__doc__", None)
         self.__name__ = getattr(solver, "__name__", "implicit_function")
+
+    def reset(self) -> None:
+        """Forget the warm start (the last adjoint solution)."""
+        self._last_adjoint = None
 
     def __call__(self, *theta: Any, **kwargs: Any) -> Any:
         if not theta:
@@ -441,6 +459,7 @@ def custom_root(
     *,
     solve: str | Solve = "cg",
     solve_options: dict[str, Any] | None = None,
+    warm_start: bool = False,
 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorator: ``custom_root(F)(solver)`` differentiates ``solver(*theta)`` through the root
     condition ``F(x, *theta) = 0`` (Blondel et al. 2022, JAXopt's ``custom_root``).
@@ -451,7 +470,8 @@ def custom_root(
     is the gradient of a strongly convex inner objective (use ``"minres"`` for a symmetric
     indefinite one, ``"gmres"`` or ``"bicgstab"`` otherwise). ``solve_options`` (e.g.
     ``{"rtol": 1e-10}``) are passed to it; a solve that misses its tolerance warns
-    (:class:`~anyorder.implicit.LinearSolveWarning`).
+    (:class:`~anyorder.implicit.LinearSolveWarning`). ``warm_start``: see
+    :class:`ImplicitFunction`.
 
     Example::
 
@@ -470,7 +490,12 @@ def custom_root(
 
     def wrap(solver: Callable[..., Any]) -> ImplicitFunction:
         return ImplicitFunction(
-            solver, optimality_fn, solve=solve, solve_options=solve_options, kind="optimality_fn"
+            solver,
+            optimality_fn,
+            solve=solve,
+            solve_options=solve_options,
+            kind="optimality_fn",
+            warm_start=warm_start,
         )
 
     return wrap
@@ -481,6 +506,7 @@ def custom_fixed_point(
     *,
     solve: str | Solve = "gmres",
     solve_options: dict[str, Any] | None = None,
+    warm_start: bool = False,
 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorator: ``custom_fixed_point(T)(solver)`` differentiates ``solver(*theta)`` through the
     fixed-point condition ``x = T(x, *theta)``, i.e. the root of ``F = T(x, theta) - x``
@@ -504,7 +530,12 @@ def custom_fixed_point(
 
     def wrap(solver: Callable[..., Any]) -> ImplicitFunction:
         return ImplicitFunction(
-            solver, residual, solve=solve, solve_options=solve_options, kind="fixed_point_fn"
+            solver,
+            residual,
+            solve=solve,
+            solve_options=solve_options,
+            kind="fixed_point_fn",
+            warm_start=warm_start,
         )
 
     return wrap
