@@ -82,6 +82,7 @@ def methods(x, y, xv, yv, rtol: float, cached: bool):
     out = {
         "closed form (autograd through linalg.solve)": closed,
         f"anyorder custom_root, CG rtol={rtol:g}": ours(rtol),
+        "anyorder custom_root, CG rtol=1e-8": ours(1e-8),
         "anyorder custom_root, CG rtol=1e-5 (torchopt's)": ours(1e-5),
     }
     try:
