@@ -177,13 +177,23 @@ def _solve_systems(
     ``A = dF/dx`` at ``(x, theta)``, linearising ``F`` once."""
     owner = spec.owner
     matvec = _products(spec, transpose, x, tuple(theta))
+    options = dict(owner.solve_options)
+    if options.get("M") is not None:  # a preconditioner written for x's structure
+        precond = options["M"]
+
+        def leaves_precond(r: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(
+                tree_flatten(precond(tree_unflatten(spec.x_spec, list(r))), "M's output")[0]
+            )
+
+        options["M"] = leaves_precond
     out = []
     for r in rhs:
         x0 = None
         last = owner._last_adjoint if transpose and len(rhs) == 1 else None
         if last is not None and [t.shape for t in last] == [t.shape for t in r]:
             x0 = tuple(t.to(r[0]) for t in last)
-        res = owner.solve(matvec, tuple(r), x0, **owner.solve_options)
+        res = owner.solve(matvec, tuple(r), x0, **options)
         if owner.warm_start and transpose and len(rhs) == 1 and _plain(res.solution):
             owner._last_adjoint = tuple(t.detach().clone() for t in res.solution)
         owner.last_solve = LinearSolveResult(

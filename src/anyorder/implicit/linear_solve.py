@@ -121,6 +121,7 @@ class _System:
         self.b = self.flat(leaves)
         self.n = self.b.numel()
         self.count = 0
+        self.precond: Matvec | None = None
 
     def flat(self, leaves: list[torch.Tensor]) -> torch.Tensor:
         if len(leaves) == 1:
@@ -152,6 +153,10 @@ class _System:
     def mv(self, vec: torch.Tensor) -> torch.Tensor:
         self.count += 1
         return self.flatten_like_b(self.matvec(self.tree(vec)), "matvec's output")
+
+    def apply(self, fn: Matvec, vec: torch.Tensor, what: str) -> torch.Tensor:
+        """``fn`` (e.g. a preconditioner) on a flat vector, not counted as a product."""
+        return self.flatten_like_b(fn(self.tree(vec)), what)
 
 
 class _Operator(CurvatureOperator):
@@ -200,10 +205,12 @@ def _drive(
     warn: bool,
     suggest: str,
     prepare: Callable[[_System], None] | None = None,
+    precond: Matvec | None = None,
 ) -> LinearSolveResult:
     _check_options(rtol, atol, maxiter)
     with torch.no_grad():
         sys = _System(matvec, b, method)
+        sys.precond = precond
         budget = 10 * sys.n if maxiter is None else maxiter
         bnorm = _norm(sys.b)
         tol = max(rtol * bnorm, atol)
@@ -254,8 +261,13 @@ def _drive(
 def _cg_run(
     sys: _System, x: torch.Tensor, r: torch.Tensor, tol: float, budget: int
 ) -> tuple[torch.Tensor, int, bool]:
-    p = r.clone()
-    rr = float(torch.dot(r, r))
+    # Preconditioned CG (Hestenes and Stiefel 1952; Golub and Van Loan, Algorithm 11.5.1) with
+    # M ~ A^-1 (the identity when none is given); the stopping test is on ||r||, not ||r||_M.
+    precond = sys.precond
+    z = r.clone() if precond is None else sys.apply(precond, r, "M's output")
+    p = z.clone()
+    rz = float(torch.dot(r, z))
+    rr = rz if precond is None else float(torch.dot(r, r))
     used = 0
     while used < budget and math.sqrt(rr) > tol:
         ap = sys.mv(p)
@@ -263,14 +275,20 @@ def _cg_run(
         pap = float(torch.dot(p, ap))
         if pap == 0.0 or not math.isfinite(pap):
             return x, used, True
-        alpha = rr / pap
+        alpha = rz / pap
         x.add_(p, alpha=alpha)
         r.sub_(ap, alpha=alpha)
-        rr_new = float(torch.dot(r, r))
-        if not math.isfinite(rr_new):
+        if precond is None:
+            z = r
+            rz_new = rr = float(torch.dot(r, r))
+        else:
+            z = sys.apply(precond, r, "M's output")
+            rz_new = float(torch.dot(r, z))
+            rr = float(torch.dot(r, r))
+        if not (math.isfinite(rz_new) and math.isfinite(rr)) or rz == 0.0:
             return x, used, True
-        p.mul_(rr_new / rr).add_(r)
-        rr = rr_new
+        p.mul_(rz_new / rz).add_(z)
+        rz = rz_new
     return x, used, False
 
 
@@ -282,6 +300,7 @@ def solve_cg(
     rtol: float = 1e-6,
     atol: float = 0.0,
     maxiter: int | None = None,
+    M: Matvec | None = None,  # noqa: N803 (SciPy's name)
     warn: bool = True,
 ) -> LinearSolveResult:
     """Solve ``A x = b`` by conjugate gradient (Hestenes and Stiefel 1952) for a symmetric
@@ -289,8 +308,16 @@ def solve_cg(
     max(rtol ||b||, atol)`` or after ``maxiter`` products (default ``10 n``, SciPy's).
     One product with ``A`` per iteration, plus one to recompute the residual at the end (and one
     for a warm start's initial residual); ``maxiter`` bounds the products inside the iteration,
-    those two are not counted against it (they are in ``iterations``)."""
-    return _drive("cg", _cg_run, matvec, b, x0, rtol, atol, maxiter, warn, "solve_minres")
+    those two are not counted against it (they are in ``iterations``).
+
+    ``M``: an optional preconditioner, a function applying a symmetric positive definite
+    approximation of ``A^-1`` to ``b``'s structure (e.g. ``lambda r: r / diag`` for Jacobi);
+    CG then converges at the rate of the condition number of ``M A``."""
+    if M is not None and not callable(M):
+        raise TypeError(f"M must be callable or None, got {type(M).__name__}")
+    return _drive(
+        "cg", _cg_run, matvec, b, x0, rtol, atol, maxiter, warn, "solve_minres", precond=M
+    )
 
 
 def _minres_run(
