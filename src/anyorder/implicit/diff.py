@@ -538,6 +538,11 @@ def custom_fixed_point(
             )
         return tree_unflatten(x_spec, [f - xi for f, xi in zip(f_leaves, x_leaves)])
 
+    try:  # the layer checks F's signature against the arguments: let it see T's
+        residual.__signature__ = inspect.signature(fixed_point_fn)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass
+
     def wrap(solver: Callable[..., Any]) -> ImplicitFunction:
         return ImplicitFunction(
             solver,
