@@ -183,6 +183,12 @@ def test_module_parameters_fixed_point_matches_unrolled():
     assert deq.last_solve.method == "gmres" and deq.last_solve.converged
     for k in params:
         assert float((got[k] - exact[k]).abs().max()) <= 1e-11 * float(exact[k].abs().max())
+    # forward mode (the non-transposed system) gives the same Jacobian as reverse mode
+    fwd, rev = jacfwd(deq)(params), jacrev(deq)(params)
+    for k in params:
+        assert float((fwd[k] - rev[k]).abs().max()) <= 1e-10
+    with pytest.raises(TypeError, match=r"fixed_point_fn must accept \(x, \*theta\)"):
+        deq(params, params)
 
 
 def test_at_most_30_products_per_adjoint_solve_at_condition_25():
