@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 __all__ = ["Interval", "t_interval", "paired_difference", "t_quantile"]
@@ -43,8 +44,10 @@ class Interval:
         return asdict(self)
 
 
+@lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom."""
+    """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom (scipy's,
+    which scikit-learn, a dependency, brings)."""
     from scipy.stats import t as student_t
 
     if not 0 < p < 1:

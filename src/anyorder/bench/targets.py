@@ -82,16 +82,13 @@ def smoothed(losses: Sequence[float | None], window: int = SMOOTHING_WINDOW) -> 
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window!r}")
     out: list[float] = []
-    total = 0.0
     clean: list[float] = []
     for value in losses:
         if value is None or not math.isfinite(value):
             break
         clean.append(float(value))
-        total += float(value)
-        if len(clean) > window:
-            total -= clean[-window - 1]
-        out.append(total / min(len(clean), window))
+        recent = clean[-window:]  # summed afresh: a running sum would drift over long runs
+        out.append(math.fsum(recent) / len(recent))
     return out
 
 
