@@ -88,10 +88,14 @@ def _plot_task(task: str, by_opt: dict[str, list[RunResult]], info: dict[str, An
     names = sorted(by_opt)
     ncols = min(4, len(names))
     nrows = math.ceil(len(names) / ncols)
+    # a fixed layout (constrained layout measures every tick label: seconds per figure)
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows + 0.6), sharex=True, sharey=True,
-        squeeze=False, constrained_layout=True,
+        nrows, ncols, figsize=(3.2 * ncols, 2.3 * nrows + 0.9), sharex=True, sharey=True,
+        squeeze=False,
     )
+    height = 2.3 * nrows + 0.9
+    fig.subplots_adjust(left=0.08, right=0.99, bottom=0.5 / height, top=1 - 0.55 / height,
+                        wspace=0.08, hspace=0.3)
     bands = {o: _band(by_opt[o], measure) for o in names}
     positive = all(v > 0 for b in bands.values() for v in b[2])
     best = info.get("best_optimizer")
@@ -115,6 +119,7 @@ def _plot_task(task: str, by_opt: dict[str, list[RunResult]], info: dict[str, An
             ax.set_yscale("log")
         if measure != "steps":  # costs per step differ by orders of magnitude (particles)
             ax.set_xscale("log")
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:
