@@ -201,7 +201,7 @@ def _add_seeded_arguments(bench: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="run every (task, optimizer) pair with N paired seeds --seed, --seed+1, ... "
-        "(default: 3 for the quick suite, 1 otherwise); figures are means with 95%% t intervals",
+        "(default: 2 for the quick suite, 1 otherwise); figures are means with 95%% t intervals",
     )
     bench.add_argument(
         "--task-file",
@@ -391,7 +391,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _seed_list(args: argparse.Namespace) -> list[int]:
-    n = args.seeds if args.seeds is not None else (3 if args.suite == "quick" else 1)
+    n = args.seeds if args.seeds is not None else (2 if args.suite == "quick" else 1)
     return [args.seed + i for i in range(n)]
 
 
