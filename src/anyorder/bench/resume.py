@@ -16,6 +16,7 @@ steps a run completes depends on timing too, so those runs are not reproducible 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,14 @@ def save_settings(out_dir: Path, settings: dict[str, Any]) -> Path:
     """Write the invocation's settings (JSON-ready values) to ``out_dir/bench.json``."""
     path = Path(out_dir) / SETTINGS_FILE
     data = {"version": _SETTINGS_VERSION, "settings": settings}
-    atomic_write(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode())
+    try:
+        text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:  # e.g. a TOML date in the config
+        raise ValueError(
+            f"the settings cannot be saved for --resume: {err} (use plain numbers, strings, "
+            "lists and tables in the config)"
+        ) from err
+    atomic_write(path, text.encode())
     return path
 
 
@@ -73,6 +81,17 @@ def _file_name(task: str, optimizer: str, seed: int) -> str:
     return f"{clean(task)}__{clean(optimizer)}__seed{seed}.json"
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (strict JSON, as in ``results.json``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def run_from_dict(data: dict[str, Any]) -> RunResult:
     """A :class:`RunResult` from its ``to_dict()`` form (``TypeError``/``KeyError`` if not)."""
     history = [HistoryPoint(**h) for h in data["history"]]
@@ -89,7 +108,7 @@ class RunStore:
         """Save one finished run (atomically)."""
         self.dir.mkdir(exist_ok=True)
         path = self.dir / _file_name(result.task, result.optimizer, result.seed)
-        atomic_write(path, json.dumps(result.to_dict(), allow_nan=False).encode())
+        atomic_write(path, json.dumps(_strict(result.to_dict()), allow_nan=False).encode())
         return path
 
     def load(self) -> dict[tuple[str, str, int], RunResult]:
