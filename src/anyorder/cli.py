@@ -270,15 +270,30 @@ def _restore_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
         setattr(restored, key, settings.get(key, getattr(defaults, key)))
     task_file = settings.get("task_file")
     restored.task_file = Path(task_file) if task_file else None
+    if task_file and _sha256(restored.task_file) != settings.get("task_file_sha256"):
+        raise UsageError(
+            f"--resume: the task file {task_file!r} is missing or changed since the finished runs "
+            "were made; restore it or start a new --out"
+        )
     restored.config = None
     restored.out = args.resume
     return restored, settings.get("config") or {}
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _settings(args: argparse.Namespace, config: dict, seeds: list[int]) -> dict:
     saved = {key: getattr(args, key) for key in _SAVED}
     saved["seeds"] = len(seeds)
     saved["task_file"] = str(args.task_file.resolve()) if args.task_file else None
+    saved["task_file_sha256"] = _sha256(args.task_file) if args.task_file else None
     saved["config"] = config
     return saved
 

@@ -286,6 +286,11 @@ def test_resume_skips_finished_runs_and_matches_an_uninterrupted_run(tmp_path, c
     # a resumed, finished directory does nothing more
     calls.clear()
     assert _run_cli(["--resume", str(part)], capsys)[0] == 0 and calls == []
+    # an edited task file would make the remaining runs differ: refused
+    task_file.write_text(task_file.read_text() + "\n# edited\n")
+    code, io = _run_cli(["--resume", str(part)], capsys)
+    assert code == 2 and "changed" in io.err
+    task_file.write_text(task_file.read_text().replace("\n# edited\n", ""))
     # a damaged saved run is reported, never silently redone
     victim = next((part / "runs").glob("*.json"))
     victim.write_text("{")
