@@ -137,7 +137,11 @@ def _styles(names: list[str]) -> dict[str, dict[str, Any]]:
     plt = _pyplot()
     cmap = plt.get_cmap("tab20")
     dashes = ["-", "--", ":", "-."]
-    return {n: {"color": cmap(i % 20), "ls": dashes[(i // 10) % 4]} for i, n in enumerate(names)}
+    # ten distinct hues first (tab20's even entries), then their light partners dashed
+    return {
+        n: {"color": cmap((2 * (i % 10) + (i // 10)) % 20), "ls": dashes[(i // 10) % 4]}
+        for i, n in enumerate(names)
+    }
 
 
 def _plot_profiles(summary: dict[str, Any]) -> bytes:
