@@ -52,7 +52,9 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _band(runs: list[RunResult], measure: str) -> tuple[list[float], list[float], ...]:
+def _band(
+    runs: list[RunResult], measure: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """x (median over seeds of the measure at each step), median, q25, q75 of the smoothed loss
     over seeds, step by step while at least half the seeds still have a value."""
     import numpy as np
@@ -69,7 +71,7 @@ def _band(runs: list[RunResult], measure: str) -> tuple[list[float], list[float]
         else:
             xs.append([h.step + 1 for h in r.history[: len(c)]])
     n = max((len(c) for c in curves), default=0)
-    out: tuple[list[float], ...] = ([], [], [], [])
+    out: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
     for i in range(n):
         ys = [c[i] for c in curves if len(c) > i]
         if 2 * len(ys) < len(curves):
