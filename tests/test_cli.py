@@ -34,6 +34,8 @@ def bench_out(tmp_path_factory):
         "5",
         "--seed",
         "1",
+        "--seeds",
+        "1",
         "--out",
         str(out),
     )
@@ -45,15 +47,20 @@ def test_bench_writes_every_output(bench_out):
     out, proc = bench_out
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "digits-mlp.png",
+        "bench.json",
         "index.html",
+        "profiles.png",
+        "ranking.png",
         "results.csv",
         "results.json",
-        "rosenbrock.png",
+        "runs",
+        "summary.json",
+        "task-digits-mlp.png",
+        "task-rosenbrock.png",
     ]
-    assert (out / "digits-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "task-digits-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "index.html").read_text()
-    assert '<img src="digits-mlp.png"' in html and "<table>" in html
+    assert '<img src="task-digits-mlp.png"' in html and '<table id="ranking">' in html
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert list(TABLE_COLUMNS) == header[: len(TABLE_COLUMNS)]
     data = json.loads((out / "results.json").read_text())
@@ -76,6 +83,8 @@ def test_same_command_same_losses(bench_out, tmp_path):
         "--steps",
         "5",
         "--seed",
+        "1",
+        "--seeds",
         "1",
         "--out",
         str(tmp_path / "again"),
@@ -304,6 +313,8 @@ def test_bench_monitor_records_curvature_per_run(tmp_path):
         "5",
         "--monitor-every",
         "2",
+        "--seeds",
+        "1",
         "--out",
         str(out),
         "--no-progress",

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--seed", type=_seed, default=0, help="seed for weights and data order (default 0)"
     )
+    _add_seeded_arguments(bench)
     bench.add_argument(
         "--out",
         type=Path,
@@ -173,6 +174,130 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unit_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return x
+
+
+def _cost_ratio(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return x
+
+
+def _add_seeded_arguments(bench: argparse.ArgumentParser) -> None:
+    """Options of issue 17: seeds, user task files, budgets, targets, resume."""
+    bench.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help="run every (task, optimizer) pair with N paired seeds --seed, --seed+1, ... "
+        "(default: 2 for the quick suite, 1 otherwise); figures are means with 95%% t intervals",
+    )
+    bench.add_argument(
+        "--task-file",
+        type=Path,
+        metavar="FILE",
+        help="a Python file defining `task` or `tasks` (anyorder.bench.user_task.model_task or "
+        "vector_task); its tasks run instead of the suite's unless --tasks names others",
+    )
+    bench.add_argument(
+        "--eval-budget",
+        type=_positive_float,
+        metavar="COST",
+        help="end each run once forward + R x backward evaluations reach COST (--steps is "
+        "the cap): compare at an equal number of evaluations",
+    )
+    bench.add_argument(
+        "--backward-cost",
+        type=_cost_ratio,
+        metavar="R",
+        default=2.0,
+        help="cost of one backward pass in forward evaluations, for --eval-budget and the "
+        "evaluations to target (default 2)",
+    )
+    bench.add_argument(
+        "--target-quantile",
+        type=_unit_float,
+        metavar="Q",
+        default=0.5,
+        help="a task's target loss is this quantile over optimizers of their median best loss, "
+        "unless the task declares target_loss (default 0.5)",
+    )
+    bench.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the interrupted bench in DIR with its saved settings (give no other "
+        "options but --no-progress); finished runs are not redone",
+    )
+
+
+#: Settings saved to bench.json for --resume (the config is saved by content).
+_SAVED = (
+    "suite", "tasks", "optimizers", "steps", "time_budget", "seed", "seeds", "device",
+    "monitor", "monitor_every", "eval_budget", "backward_cost", "target_quantile",
+)  # fmt: skip
+
+
+def _restore_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """For --resume: the saved settings as arguments, and the saved config."""
+    from anyorder.bench.resume import load_settings
+
+    defaults = build_parser().parse_args(["bench"])
+    given = [
+        k
+        for k, v in vars(args).items()
+        if k not in ("resume", "no_progress", "command") and v != getattr(defaults, k)
+    ]
+    if given:
+        raise UsageError(
+            f"--resume takes its settings from {str(args.resume / 'bench.json')!r}; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in given)
+        )
+    settings = load_settings(args.resume)
+    restored = argparse.Namespace(**vars(args))
+    for key in _SAVED:
+        setattr(restored, key, settings.get(key, getattr(defaults, key)))
+    task_file = settings.get("task_file")
+    restored.task_file = Path(task_file) if task_file else None
+    if task_file and _sha256(restored.task_file) != settings.get("task_file_sha256"):
+        raise UsageError(
+            f"--resume: the task file {task_file!r} is missing or changed since the finished runs "
+            "were made; restore it or start a new --out"
+        )
+    restored.config = None
+    restored.out = args.resume
+    return restored, settings.get("config") or {}
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _settings(args: argparse.Namespace, config: dict, seeds: list[int]) -> dict:
+    saved = {key: getattr(args, key) for key in _SAVED}
+    saved["seeds"] = len(seeds)
+    saved["task_file"] = str(args.task_file.resolve()) if args.task_file else None
+    saved["task_file_sha256"] = _sha256(args.task_file) if args.task_file else None
+    saved["config"] = config
+    return saved
+
+
 def _cmd_list() -> int:
     from anyorder.bench.registry import all_optimizers, all_tasks
 
@@ -186,10 +311,13 @@ def _cmd_list() -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from anyorder.bench.budgets import apply_budget
     from anyorder.bench.config import load_config
     from anyorder.bench.registry import UnknownNameError
     from anyorder.bench.report import OutDirExistsError, format_table, prepare_out_dir, write_report
+    from anyorder.bench.resume import RunStore, save_settings
     from anyorder.bench.runner import plan_suite, run_suite
+    from anyorder.bench.summary import format_summary
     from anyorder.bench.tasks.base import MissingDataError
 
     out = args.out or Path("anyorder-bench") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -199,7 +327,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     try:
-        config = load_config(args.config) if args.config else {}
+        saved_config = None
+        if args.resume is not None:
+            args, saved_config = _restore_args(args)
+            out = args.resume
+        if args.task_file is not None:
+            from anyorder.bench.user_task import load_task_file
+
+            file_tasks = load_task_file(args.task_file)
+            args.tasks = args.tasks or file_tasks
+        config = saved_config if saved_config is not None else (
+            load_config(args.config) if args.config else {}
+        )
+        seeds = _seed_list(args)
         plan = plan_suite(
             suite=args.suite,
             tasks=args.tasks,
@@ -210,13 +350,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             time_budget_s=args.time_budget,
             log=notes.append,
         )
+        plan = apply_budget(plan, eval_budget=args.eval_budget, backward_cost=args.backward_cost)
         if args.distributed is not None:
             if args.device != "cpu":
                 raise UsageError("--distributed runs on CPU processes (gloo); drop --device")
+            if len(seeds) > 1:
+                raise UsageError("--distributed runs one seed; drop --seeds or set --seeds 1")
             from anyorder.bench.distributed import select_distributed
 
             plan = select_distributed(plan, notes.append)
-        out_dir = prepare_out_dir(out)
+        out_dir = args.resume if args.resume is not None else prepare_out_dir(out)
+        if args.resume is None and args.distributed is None:
+            save_settings(out_dir, _settings(args, config, seeds))
     except (UnknownNameError, ValueError, MissingDataError, OutDirExistsError) as err:
         raise UsageError(str(err)) from err
     for note in notes:  # said only once the input is good: a usage error is one line
@@ -243,18 +388,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from anyorder.hessian.monitor import DEFAULT_EVERY
 
         monitor_every = DEFAULT_EVERY
-    result = run_suite(
-        plan,
-        suite=args.suite,
-        seed=args.seed,
-        progress=not args.no_progress,
-        log=log,
-        monitor_every=monitor_every,
+    store = RunStore(out_dir)
+    try:
+        finished = store.load()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    try:
+        result = run_suite(
+            plan,
+            suite=args.suite,
+            seed=args.seed,
+            progress=not args.no_progress,
+            log=log,
+            monitor_every=monitor_every,
+            seeds=seeds,
+            finished=finished,
+            on_result=store.save,
+        )
+    except KeyboardInterrupt:
+        log(f"anyorder: finished runs are saved; continue with: anyorder bench --resume {out_dir}")
+        raise
+    declared = {r.task.name: getattr(r.task, "target_loss", None) for r in plan}
+    write_report(
+        result, out_dir, declared_targets=declared, target_quantile=args.target_quantile
     )
-    write_report(result, out_dir)
-    print(format_table(result))
-    print(f"\nwrote {out_dir / 'results.json'}, results.csv, plots and index.html")
+    print(format_table(result) if len(seeds) == 1 else format_summary(out_dir / "summary.json"))
+    print(f"\nwrote {out_dir / 'results.json'}, summary.json, results.csv, plots and index.html")
     return 0
+
+
+def _seed_list(args: argparse.Namespace) -> list[int]:
+    default = 2 if args.suite == "quick" and args.distributed is None else 1
+    n = args.seeds if args.seeds is not None else default
+    return [args.seed + i for i in range(n)]
 
 
 def _load_checkpoint(model: object, path: Path) -> None:

@@ -53,7 +53,9 @@ def test_every_task_runs_every_baseline_with_the_schema(small_suite):
         assert RUN_KEYS <= set(run)
         assert run["steps"] == 4 and not run["diverged"]
         assert len(run["history"]) == 4
-        assert set(run["history"][0]) == {"step", "loss", "wall_time_s", "forward_evals"}
+        assert set(run["history"][0]) == {
+            "step", "loss", "wall_time_s", "forward_evals", "backward_evals"
+        }  # fmt: skip
         # Counted, not declared: backprop baselines evaluate once per step with backward,
         # two-point zeroth-order methods twice without.
         fwd, bwd = expected[run["optimizer"]]

@@ -1,5 +1,5 @@
-"""Writes a bench result: ``results.json``, ``results.csv``, one PNG per task and ``index.html``;
-and formats the terminal table.
+"""Writes a bench result: ``results.json``, ``results.csv``, ``summary.json`` (``summary``) and
+``index.html`` with its figures (``html``); and formats the terminal table.
 
 Files are written to a temporary name and renamed into place, so an interrupted write never
 leaves a truncated file. :func:`prepare_out_dir` refuses to reuse a non-empty directory.
@@ -8,15 +8,18 @@ leaves a truncated file. :func:`prepare_out_dir` refuses to reuse a non-empty di
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from anyorder.bench.checks import OutDirError, check_out_dir, json_safe
+from anyorder.bench.html import write_html_report
 from anyorder.bench.runner import HistoryPoint, RunResult, SuiteResult
+from anyorder.bench.summary import summarise
+from anyorder.bench.targets import DEFAULT_TARGET_QUANTILE
 from anyorder.core.files import atomic_write
 
 __all__ = [
@@ -168,97 +171,30 @@ def _csv_bytes(runs: list[RunResult]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _plot_task(task: str, runs: list[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    xs = (
-        ("step", "step"),
-        ("wall_time_s", "wall time (s)"),
-        ("forward_evals", "forward evaluations"),
-    )
-    positive = all(h.loss is None or h.loss > 0 for r in runs for h in r.history)
-    for r in runs:
-        pts = [h for h in r.history if h.loss is not None]
-        if not pts:
-            continue
-        for ax, (key, _label) in zip(axes, xs):
-            label = r.optimizer + (" (diverged)" if r.diverged else "")
-            ax.plot([getattr(h, key) for h in pts], [h.loss for h in pts], label=label, lw=1.2)
-    for ax, (_key, label) in zip(axes, xs):
-        ax.set_xlabel(label)
-        ax.set_ylabel("training loss")
-        if positive:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: loss against step, wall time and forward evaluations")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def _html(result: SuiteResult, plots: dict[str, str]) -> str:
-    header, rows = _table_rows(result)
-    esc = html.escape
-    table = (
-        "<table><thead><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in header)
-        + "</tr></thead><tbody>"
-    )
-    for row, run in zip(rows, result.runs):
-        cls = ' class="diverged"' if run.diverged else ""
-        table += f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-    table += "</tbody></table>"
-    figures = "".join(
-        f'<figure><img src="{esc(src)}" alt="loss curves for {esc(task)}">'
-        f"<figcaption>{esc(task)}</figcaption></figure>"
-        for task, src in plots.items()
-    )
-    machine = ", ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in result.machine.items())
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>anyorder bench ({esc(result.suite)})</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
-td:nth-child(-n+2), th:nth-child(-n+2) {{ text-align: left; }}
-tr.diverged {{ background: #fdd; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
-</style></head><body>
-<h1>anyorder bench: {esc(result.suite)} suite</h1>
-<p>anyorder {esc(result.anyorder_version)}, created {esc(result.created)}, seed {result.seed},
-device {esc(result.device)}.<br><small>{machine}</small></p>
-<p>Time per step: median after warm-up. Peak memory: tensor bytes allocated during training steps
-above those held before (see the README). Files: <a href="results.json">results.json</a>,
-<a href="results.csv">results.csv</a>.</p>
-{table}
-{figures}
-</body></html>
-"""
-
-
-def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write every output file into ``out_dir`` (which must exist); returns their paths."""
+def write_report(
+    result: SuiteResult,
+    out_dir: str | Path,
+    *,
+    declared_targets: Mapping[str, float | None] | None = None,
+    target_quantile: float = DEFAULT_TARGET_QUANTILE,
+) -> dict[str, Path]:
+    """Write every output file into ``out_dir`` (which must exist); returns their paths:
+    ``results.json``, ``results.csv``, ``summary.json`` (``anyorder.bench.summary``) and the
+    page with its figures (``anyorder.bench.html``). ``declared_targets`` maps a task to the
+    ``target_loss`` it declares; ``target_quantile`` sets the others' targets."""
     out = Path(out_dir)
-    paths = {"json": out / "results.json", "csv": out / "results.csv", "html": out / "index.html"}
+    paths = {"json": out / "results.json", "csv": out / "results.csv"}
     data = json_safe(result.to_dict())  # NaN/inf anywhere (hyperparameters, monitor) -> null
     atomic_write(paths["json"], json.dumps(data, indent=1, allow_nan=False).encode())
     atomic_write(paths["csv"], _csv_bytes(result.runs))
-    plots: dict[str, str] = {}
-    by_task: dict[str, list[RunResult]] = {}
-    for r in result.runs:
-        by_task.setdefault(r.task, []).append(r)
-    for task, runs in by_task.items():
-        name = f"{task}.png"
-        _plot_task(task, runs, out / name)
-        plots[task] = name
-        paths[f"plot:{task}"] = out / name
-    atomic_write(paths["html"], _html(result, plots).encode())
+    summary = summarise(
+        result, declared_targets=declared_targets, target_quantile=target_quantile
+    )
+    paths["summary"] = out / "summary.json"
+    atomic_write(
+        paths["summary"], json.dumps(json_safe(summary), indent=1, allow_nan=False).encode()
+    )
+    paths.update(write_html_report(result, summary, out))
     return paths
 
 

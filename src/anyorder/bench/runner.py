@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import anyorder
+from anyorder.bench.budgets import budget_record
 from anyorder.bench.measure import EvalCounter, median_step_time, peak_memory_bytes, synchronize
 from anyorder.bench.registry import OptimizerSpec, get_task
 from anyorder.bench.tasks.base import Task
@@ -58,6 +59,7 @@ class HistoryPoint:
     loss: float
     wall_time_s: float
     forward_evals: int
+    backward_evals: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class RunResult:
     #: ``anyorder bench --distributed N``: bytes per step, queries per second, ... of the run
     #: across N processes (``anyorder.bench.distributed``), or ``None`` for a single process.
     distributed: dict[str, Any] | None = None
+    #: The budget the run was given (``anyorder.bench.budgets.budget_record``): its kind
+    #: (``steps``, ``seconds`` or ``evaluations``), the caps and the backward:forward cost ratio.
+    budget: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -111,6 +116,8 @@ class SuiteResult:
     seed: int
     device: str
     runs: list[RunResult]
+    #: The paired seeds every (task, optimizer) pair ran with (``--seeds``); ``[seed]`` for one.
+    seeds: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``results.json`` schema)."""
@@ -126,6 +133,10 @@ class PlannedRun:
     hyperparameters: dict[str, Any]
     steps: int
     time_budget_s: float | None = None
+    #: Evaluation budget: the run ends once forward + backward_cost * backward reaches it.
+    eval_budget: float | None = None
+    #: Cost of one backward pass in forward evaluations (see ``anyorder.bench.budgets``).
+    backward_cost: float = 2.0
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -401,7 +412,11 @@ def run_one(
         times.append(dt)
         wall += dt
         value = _loss_value(loss)
-        history.append(HistoryPoint(step, value, wall, _forward_count(opt, counter)))
+        history.append(
+            HistoryPoint(
+                step, value, wall, _forward_count(opt, counter), _backward_count(opt, counter)
+            )
+        )
         if monitor is not None and monitor_error is None and math.isfinite(value):
             try:
                 monitor.step()
@@ -413,6 +428,10 @@ def run_one(
             diverged = True
             break
         if run.time_budget_s is not None and wall >= run.time_budget_s:
+            break
+        if run.eval_budget is not None and history[-1].forward_evals + run.backward_cost * (
+            history[-1].backward_evals
+        ) >= run.eval_budget:
             break
     final_loss = metric = None
     if not diverged:
@@ -446,13 +465,18 @@ def run_one(
         error=error,
         history=[
             HistoryPoint(
-                h.step, h.loss if math.isfinite(h.loss) else None, h.wall_time_s, h.forward_evals
+                h.step,
+                h.loss if math.isfinite(h.loss) else None,
+                h.wall_time_s,
+                h.forward_evals,
+                h.backward_evals,
             )
             for h in history
         ],
         monitor=None
         if monitor is None
         else {**monitor.to_dict(), "error": monitor_error, "train_seconds": wall},
+        budget=budget_record(run),
     )
 
 
@@ -481,39 +505,69 @@ def run_suite(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     monitor_every: int | None = None,
+    seeds: Sequence[int] | None = None,
+    finished: Mapping[tuple[str, str, int], RunResult] | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> SuiteResult:
     """Run every planned run in order; a diverged run is recorded and the suite goes on.
-    ``monitor_every`` turns on the Hessian monitor (see :func:`run_one`)."""
+    ``monitor_every`` turns on the Hessian monitor (see :func:`run_one`).
+
+    ``seeds`` (default ``[seed]``): every planned run is repeated for each seed, seed by seed, with
+    paired seeds: for a given seed every optimizer starts from the same weights and sees the same
+    batches (``task.init_model(seed)``, ``task.batches(Generator().manual_seed(seed))``).
+    ``finished`` maps ``(task, optimizer, seed)`` to results already on disk (``--resume``): those
+    runs are not redone. ``on_result`` receives each new result as soon as it is finished (the CLI
+    saves it, so an interrupted suite loses no finished run).
+    """
     from tqdm.auto import tqdm
 
+    seed_list = list(seeds) if seeds is not None else [seed]
+    finished = finished or {}
     device = plan[0].task.device if plan else torch.device("cpu")
     inference: dict[int, tuple[int, float]] = {}
     runs: list[RunResult] = []
-    total = sum(r.steps for r in plan)
+    todo = [
+        (s, run)
+        for s in seed_list
+        for run in plan
+        if (run.task.name, run.spec.name, s) not in finished
+    ]
+    total = sum(r.steps for _, r in todo)
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        for run in plan:
-            bar.set_description(f"{run.task.name} / {run.spec.name}")
-            key = id(run.task)
-            if key not in inference:
-                inference[key] = inference_figures(run.task, seed)
-            result = run_one(
-                run,
-                seed,
-                inference=inference[key],
-                on_step=lambda: bar.update(1),
-                monitor_every=monitor_every,
-            )
-            bar.update(run.steps - result.steps)
-            if result.diverged and log is not None:
-                why = f" ({result.error})" if result.error else ""
-                log(f"{run.task.name} / {run.spec.name}: diverged after {result.steps} steps{why}")
-            runs.append(result)
+        for run_seed in seed_list:
+            for run in plan:
+                done = finished.get((run.task.name, run.spec.name, run_seed))
+                if done is not None:
+                    runs.append(done)
+                    continue
+                bar.set_description(f"{run.task.name} / {run.spec.name} / seed {run_seed}")
+                key = id(run.task)
+                if key not in inference:
+                    inference[key] = inference_figures(run.task, seed_list[0])
+                result = run_one(
+                    run,
+                    run_seed,
+                    inference=inference[key],
+                    on_step=lambda: bar.update(1),
+                    monitor_every=monitor_every,
+                )
+                bar.update(run.steps - result.steps)
+                if result.diverged and log is not None:
+                    why = f" ({result.error})" if result.error else ""
+                    log(
+                        f"{run.task.name} / {run.spec.name} / seed {run_seed}: diverged after "
+                        f"{result.steps} steps{why}"
+                    )
+                if on_result is not None:
+                    on_result(result)
+                runs.append(result)
     return SuiteResult(
         anyorder_version=anyorder.__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(device),
         suite=suite,
-        seed=seed,
+        seed=seed_list[0],
         device=str(device),
         runs=runs,
+        seeds=seed_list,
     )
