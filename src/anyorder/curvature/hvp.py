@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from anyorder.core.closure import accepts_backward, call_closure
+from anyorder.core.closure import accepts_backward, call_closure, check_closure_output
 
 __all__ = [
     "HVP_METHODS",
@@ -86,19 +86,9 @@ def loss_with_graph(closure: Callable[..., Any]) -> Any:
 
 
 def check_scalar_loss(loss: Any) -> torch.Tensor:
-    """Validate that ``loss`` is a scalar tensor attached to the parameters' graph."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"closure(backward=False) must return the loss as a tensor, got {type(loss).__name__}"
-        )
-    if loss.numel() != 1:
-        raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
-    if not loss.requires_grad:
-        raise ValueError(
-            "the closure's loss does not require grad: closure(backward=False) must build the "
-            "autograd graph (do not wrap its forward pass in torch.no_grad())"
-        )
-    return loss
+    """Validate that ``loss`` is a scalar tensor attached to the parameters' graph (the one
+    check of :func:`anyorder.core.closure.check_closure_output`)."""
+    return check_closure_output(loss, requires_grad=True, who="closure(backward=False)")[0]
 
 
 def grads_or_zeros(
