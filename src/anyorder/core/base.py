@@ -196,6 +196,16 @@ class AnyOrderOptimizer(torch.optim.Optimizer):
 
         return checked
 
+    @property
+    def uncounted_evaluations(self) -> dict[str, int]:
+        """Evaluations this optimizer made that a counter wrapped around the closure's loss
+        function does not see one by one, as ``{"forward": n, "backward": n}``: particles
+        evaluated in one vectorised call (CBO), backward passes the optimizer takes itself
+        (double-backward Hessian-vector products, Sophia-G's backward from sampled labels). A
+        benchmark adds them to what its counter saw (``anyorder bench`` does). Counted since
+        construction; not part of the state."""
+        return {"forward": 0, "backward": 0}
+
     # -- non-finite policy ------------------------------------------------------------------------
     def _nonfinite(self, what: str) -> bool:
         if self.on_nonfinite == "raise":

@@ -49,14 +49,12 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         self._telemetry: dict[str, Any] = {}
 
     @property
-    def internal_backward_passes(self) -> int:
-        """Backward passes this optimizer made that do not go through the closure's loss:
-        Hessian-vector products by double backward, and Sophia-G's backward from sampled labels
-        (``anyorder bench`` adds them to a run's ``backward_evals``). Not part of the state."""
+    def uncounted_evaluations(self) -> dict[str, int]:
+        """Backward passes that do not go through the closure's loss: Hessian-vector products
+        by double backward, and Sophia-G's backward from sampled labels (see the base class)."""
         engine = getattr(self.estimator, "engine", None)
-        if engine is not None:
-            return int(engine.products)
-        return int(getattr(self.estimator, "calls", 0))
+        backward = engine.products if engine is not None else getattr(self.estimator, "calls", 0)
+        return {"forward": 0, "backward": int(backward)}
 
     # -- schedule --------------------------------------------------------------------------------
     @property
