@@ -32,6 +32,7 @@ __all__ = [
     "HVP_METHODS",
     "CurvatureFallbackWarning",
     "HVPEngine",
+    "double_backward_unavailable",
     "is_double_backward_error",
     "loss_with_graph",
     "finite_difference_step",
@@ -49,16 +50,53 @@ _DOUBLE_BACKWARD_MARKERS = (
 )
 
 
+class _Blocked(RuntimeError):
+    """Internal: the gradient's graph shows that double backward is unavailable."""
+
+
 class CurvatureFallbackWarning(UserWarning):
     """Double backward is unavailable; a curvature estimator fell back to another method."""
 
 
+#: Autograd nodes that stand for a backward that cannot itself be differentiated
+#: (``once_differentiable`` functions, operators without a derivative formula).
+_BLOCKING_NODES = ("Error", "DelayedError", "NotImplemented")
+
+
+def double_backward_unavailable(
+    grads: Sequence[torch.Tensor] = (), err: BaseException | None = None
+) -> str | None:
+    """Why double backward is unavailable, or ``None``: the one detector of a missing double
+    derivative (used by :class:`HVPEngine` and by :mod:`anyorder.hessian.operators`).
+
+    ``grads`` (gradients taken with ``create_graph=True``): their graph is walked for a node that
+    stands for a backward without a derivative; such nodes may silently drop their contribution
+    (a ``once_differentiable`` function makes the Hessian-vector product zero without an error).
+    ``err`` (an error raised by a double backward): its text says the derivative is missing.
+    """
+    if err is not None:
+        if isinstance(err, (RuntimeError, NotImplementedError)):
+            text = str(err).strip()
+            if any(marker in text.lower() for marker in _DOUBLE_BACKWARD_MARKERS):
+                return text.split("\n")[0]
+        return None
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in _BLOCKING_NODES:
+            return f"the gradient's graph holds a {type(node).__name__} node"
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return None
+
+
 def is_double_backward_error(err: BaseException) -> bool:
-    """Whether ``err`` says that an operation has no (double) derivative."""
-    if not isinstance(err, (RuntimeError, NotImplementedError)):
-        return False
-    text = str(err).lower()
-    return any(marker in text for marker in _DOUBLE_BACKWARD_MARKERS)
+    """Whether ``err`` says that an operation has no (double) derivative
+    (:func:`double_backward_unavailable` given the error)."""
+    return double_backward_unavailable(err=err) is not None
 
 
 def require_contract_closure(closure: Any, who: str) -> None:
@@ -135,11 +173,11 @@ class HVPEngine:
         #: call the closure instead, where a caller can count them).
         self.products = 0
 
-    def _fall_back(self, err: BaseException) -> None:
+    def _fall_back(self, reason: str) -> None:
         self.resolved = "finite_difference"
         if not self.warned:
             self.warned = True
-            first_line = str(err).strip().split("\n")[0]
+            first_line = reason
             warnings.warn(
                 f"{self.owner}: double backward is unavailable for this model ({first_line}); "
                 "Hessian-vector products fall back to finite differences of two gradients (one "
@@ -171,11 +209,18 @@ class HVPEngine:
             loss = loss.detach()
             if not math.isfinite(float(loss)):
                 return loss, [torch.zeros_like(p) for p in params], []
+            blocked = None
+            if self.resolved is None and self.method == "auto":
+                # Once per engine (the model's graph keeps its structure): a node without a
+                # double derivative may drop its part of H v silently, without an error.
+                blocked = double_backward_unavailable(grads)
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             every = len(live) == len(params)
             live_grads = grads if every else [grads[i] for i in live]
             live_params = params if every else [params[i] for i in live]
             try:
+                if blocked is not None:
+                    raise _Blocked(blocked)
                 products = []
                 for k, v in enumerate(vectors):
                     out: Sequence[torch.Tensor | None] = ()
@@ -199,9 +244,10 @@ class HVPEngine:
                 self.resolved = "autograd"
                 return loss, [g.detach() for g in grads_or_zeros(grads, params)], products
             except (RuntimeError, NotImplementedError) as err:
-                if self.method != "auto" or not is_double_backward_error(err):
+                reason = str(err) if isinstance(err, _Blocked) else double_backward_unavailable(err=err)
+                if self.method != "auto" or reason is None:
                     raise
-                self._fall_back(err)
+                self._fall_back(reason)
                 flat = [g.detach() for g in grads_or_zeros(grads, params)]
                 del grads
         else:

@@ -97,7 +97,8 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         closure itself) when ``refresh``, else ``closure(backward=True)`` and ``.grad`` with no
         diagonal."""
         if refresh:
-            est = self._estimate(closure, items, step)
+            with self.restoring():  # the counters, if a later evaluation of the estimate raises
+                est = self._estimate(closure, items, step)
             self._telemetry["hvp_method"] = est.method
             return est.loss, list(est.grads), est.diagonal
         loss = self.evaluate(closure, backward=True, with_logits=self.returns_logits)
