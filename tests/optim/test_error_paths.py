@@ -386,3 +386,26 @@ def test_cbo_and_mfac_add_param_group_before_the_first_step_and_refuse_after():
         assert len(opt.param_groups) == 2
     with pytest.raises(ValueError, match="share the dtype"):
         CBO(model[0].parameters()).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_the_estimators_restore_the_weights_when_the_closure_raises():
+    from anyorder.estimators import SPSA, CoordinateWise
+
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    for est in (CoordinateWise(mu=1e-3), SPSA(mu=1e-3)):
+        for k in range(2):  # SPSA: two evaluations; CoordinateWise: four
+            calls = [0]
+
+            def closure(backward=False, k=k, calls=calls):
+                calls[0] += 1
+                if calls[0] > k:
+                    raise KeyboardInterrupt
+                return (w**2).sum()
+
+            before = w.detach().clone()
+            with pytest.raises(KeyboardInterrupt):
+                if isinstance(est, SPSA):
+                    est.estimate_([w], closure, step=0)
+                else:
+                    est.estimate_([w], closure)
+            assert (w.detach() - before).abs().max() <= 1e-15
