@@ -80,16 +80,18 @@ def double_backward_unavailable(
             if any(marker in text.lower() for marker in _DOUBLE_BACKWARD_MARKERS):
                 return text.split("\n")[0]
         return None
-    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    stack = [(g.grad_fn, None) for g in grads if g is not None and g.grad_fn is not None]
     seen: set[int] = set()
     while stack:
-        node = stack.pop()
+        node, parent = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         if type(node).__name__ in _BLOCKING_NODES:
-            return f"the gradient's graph holds a {type(node).__name__} node"
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
+            # The blocking node's own name is generic; the node that uses it names the operation.
+            where = f" below {parent.name()}" if parent is not None else ""
+            return f"the gradient's graph holds a {type(node).__name__} node{where}"
+        stack.extend((next_fn, node) for next_fn, _ in node.next_functions)
     return None
 
 
@@ -219,8 +221,6 @@ class HVPEngine:
             live_grads = grads if every else [grads[i] for i in live]
             live_params = params if every else [params[i] for i in live]
             try:
-                if blocked is not None:
-                    raise _Blocked(blocked)
                 products = []
                 for k, v in enumerate(vectors):
                     out: Sequence[torch.Tensor | None] = ()
@@ -241,10 +241,16 @@ class HVPEngine:
                         if h is not None:
                             hv[i] = h
                     products.append(hv)
+                if blocked is not None:
+                    # The products did not raise, but a blocking node may have dropped its part
+                    # (an error, when there is one, names the operation better: tried first).
+                    raise _Blocked(blocked)
                 self.resolved = "autograd"
                 return loss, [g.detach() for g in grads_or_zeros(grads, params)], products
             except (RuntimeError, NotImplementedError) as err:
-                reason = str(err) if isinstance(err, _Blocked) else double_backward_unavailable(err=err)
+                reason = (
+                    str(err) if isinstance(err, _Blocked) else double_backward_unavailable(err=err)
+                )
                 if self.method != "auto" or reason is None:
                     raise
                 self._fall_back(reason)
