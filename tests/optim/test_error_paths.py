@@ -409,3 +409,15 @@ def test_the_estimators_restore_the_weights_when_the_closure_raises():
                 else:
                     est.estimate_([w], closure)
             assert (w.detach() - before).abs().max() <= 1e-15
+
+
+def test_huge_but_finite_gradients_are_not_mistaken_for_nonfinite_ones():
+    # Their sum of squares overflows float32; the policy looks again by the largest magnitude.
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = Lion([p], lr=0.1)
+    p.grad = torch.full((10,), 1e30)
+    opt.step()
+    assert (
+        torch.allclose(p.detach(), torch.full((10,), 0.9))
+        and opt.global_state["skipped_steps"] == 0
+    )

@@ -231,11 +231,13 @@ class AnyOrderOptimizer(torch.optim.Optimizer):
         curvature estimates...). ``False`` means: skip this step (it was recorded); under
         ``"raise"`` a :class:`NonFiniteLossError` names what was not finite.
 
-        One host synchronisation for everything: the largest magnitude of each list (a NaN or
-        inf anywhere makes it non-finite; unlike a 2-norm it cannot overflow) is stacked with the
-        losses and read once.
+        One host synchronisation for everything: the 2-norm of each list (one fused kernel per
+        list; a NaN or inf anywhere makes it non-finite) is stacked with the losses and read
+        once. Only when a norm is not finite is the list looked at again, by its largest
+        magnitude (which cannot overflow as a sum of squares of huge finite values can; about
+        40x slower than the 2-norm on the CPU, hence not the first test).
         """
-        names, values = [], []
+        names, values, lists = [], [], []
         device = None
         for i, loss in enumerate(losses):
             names.append("loss" if len(losses) == 1 else f"loss {i}")
@@ -247,10 +249,12 @@ class AnyOrderOptimizer(torch.optim.Optimizer):
             if not ts:
                 continue
             device = device or ts[0].device
-            norms = torch._foreach_norm(ts, math.inf)
-            peak = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).max()
+            norms = torch._foreach_norm(ts)
             names.append(name)
-            values.append(peak)
+            values.append(
+                torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).max()
+            )
+            lists.append((len(values) - 1, ts))
         if not values:
             return True
         if device is None:
@@ -268,6 +272,12 @@ class AnyOrderOptimizer(torch.optim.Optimizer):
             if bool(finite.all()):  # the one host sync
                 return True
             flags = finite.tolist()
+            for k, ts in lists:  # an overflowing 2-norm of finite values is not a NaN/inf
+                if not flags[k]:
+                    peaks = torch._foreach_norm(ts, math.inf)
+                    flags[k] = bool(
+                        torch.isfinite(torch.stack([q.double().cpu() for q in peaks])).all()
+                    )
         if all(flags):
             return True
         bad = [n for n, ok in zip(names, flags) if not ok]
