@@ -341,8 +341,8 @@ def test_foreach_kernels_match_a_per_tensor_loop():
             hh = hh.mean(dim=(2, 3), keepdim=True).expand_as(hh)
         mm, vv = 0.9 * mm + 0.1 * gr, 0.99 * vv + 0.01 * hh * hh
         denom = (vv.sqrt() / (1 - 0.99**2) ** 0.5) ** 0.7 + 1e-4
-        ss = 0.1 / (1 - 0.9**2)
-        assert torch.allclose(o, p - ss * (mm / denom + 0.01 * p), atol=1e-14)
+        # the authors' rule: p -= lr * (m / bias_correction1 / denom + wd * p)
+        assert torch.allclose(o, p - 0.1 * (mm / (1 - 0.9**2) / denom + 0.01 * p), atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -228,8 +228,8 @@ def test_adahessian_matches_reference(k, power, wd):
         for n in ref:
             m[n] = b1 * m[n] + (1 - b1) * g[n]
             denom = (torch.sqrt(v[n]) / math.sqrt(1 - b2**s)) ** power + eps
-            step_size = lrs[n] / (1 - b1 ** (t + 1))
-            ref[n] = ref[n] - step_size * (m[n] / denom + wd * ref[n])
+            # The authors' optim_adahessian.py: p -= lr * (m / bias_correction1 / denom + wd * p)
+            ref[n] = ref[n] - lrs[n] * (m[n] / (1 - b1 ** (t + 1)) / denom + wd * ref[n])
         _check(ps, ref)
 
 

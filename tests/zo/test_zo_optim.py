@@ -277,7 +277,7 @@ def test_bad_input():
     model = _model()
     with pytest.raises(ValueError, match="needs a closure"):
         ZOSGD(model.parameters(), lr=0.1).step()
-    with pytest.raises(ValueError, match="scalar loss, got a tensor of shape \\(32, 3\\)"):
+    with pytest.raises(ValueError, match="scalar loss.*got a tensor of shape \\(32, 3\\)"):
         x, _ = _batch()
         ZOSGD(model.parameters(), lr=0.1).step(lambda: model(x))
     with pytest.raises(ValueError, match="mu must be a finite number > 0, got 0"):

@@ -245,19 +245,24 @@ def _loss_value(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
+def _uncounted(opt: torch.optim.Optimizer, kind: str) -> int:
+    """What ``opt`` reports it evaluated beyond what the counter sees (one protocol for every
+    optimizer: :attr:`anyorder.core.AnyOrderOptimizer.uncounted_evaluations`)."""
+    extra = getattr(opt, "uncounted_evaluations", None)
+    return int(extra.get(kind, 0)) if isinstance(extra, dict) else 0
+
+
 def _forward_count(opt: torch.optim.Optimizer, counter: EvalCounter) -> int:
-    """Loss evaluations so far. Particle methods evaluate a whole population in one vectorised
-    call, which the counter sees once; they report the true count in
-    ``global_state["function_evaluations"]``."""
-    population = getattr(opt, "global_state", {}).get("function_evaluations")
-    return int(population) if population is not None else counter.forward
+    """Loss evaluations so far: the counter's, plus those an optimizer batched into one
+    vectorised call (particle methods), which the counter sees once."""
+    return counter.forward + _uncounted(opt, "forward")
 
 
 def _backward_count(opt: torch.optim.Optimizer, counter: EvalCounter) -> int:
     """Backward passes so far: through the closure's loss (the counter's hook) plus those an
     optimizer makes on its own (double-backward Hessian-vector products, Sophia-G's backward from
-    sampled labels), which it reports as ``internal_backward_passes``."""
-    return counter.backward + int(getattr(opt, "internal_backward_passes", 0))
+    sampled labels)."""
+    return counter.backward + _uncounted(opt, "backward")
 
 
 def _task_closure(

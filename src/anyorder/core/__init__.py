@@ -2,14 +2,24 @@
 random-direction sampler."""
 
 from anyorder.core.base import AnyOrderOptimizer, NonFiniteLossError
-from anyorder.core.closure import Closure, call_closure, make_closure
+from anyorder.core.closure import (
+    Closure,
+    ClosureOutputError,
+    ClosureOutputTypeError,
+    call_closure,
+    check_closure_output,
+    make_closure,
+)
 from anyorder.core.rng import DISTRIBUTIONS, derive_seed, direction, generator_for
 
 __all__ = [
     "AnyOrderOptimizer",
     "NonFiniteLossError",
     "Closure",
+    "ClosureOutputError",
+    "ClosureOutputTypeError",
     "call_closure",
+    "check_closure_output",
     "make_closure",
     "DISTRIBUTIONS",
     "derive_seed",

@@ -24,13 +24,23 @@ Build one closure per batch (per optimizer step).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["Closure", "call_closure", "make_closure", "accepts_backward", "has_active_dropout"]
+__all__ = [
+    "Closure",
+    "ClosureOutputError",
+    "ClosureOutputTypeError",
+    "call_closure",
+    "check_closure_output",
+    "make_closure",
+    "accepts_backward",
+    "has_active_dropout",
+]
 
 
 class Closure(Protocol):
@@ -80,6 +90,96 @@ def call_closure(closure: Callable[..., Any], backward: bool) -> torch.Tensor:
     if accepts_backward(closure):
         return closure(backward=backward)
     return closure()
+
+
+class ClosureOutputError(ValueError):
+    """A closure returned a value of the right kind but the wrong shape (e.g. a vector)."""
+
+
+class ClosureOutputTypeError(TypeError):
+    """A closure returned something that is not a loss (``None``, a string, a tuple...)."""
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "None (does the closure end with `return loss`?)"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    if isinstance(value, (str, bytes)):
+        text = repr(value)
+        return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} elements"
+    return f"a {type(value).__name__}"
+
+
+def _split_pair(output: Any) -> tuple[Any, Any] | None:
+    """``(loss, logits)`` from a pair, a mapping or a ``ModelOutput``; ``None`` if it is none."""
+    if isinstance(output, (tuple, list)) and len(output) == 2:
+        return output[0], output[1]
+    if isinstance(output, Mapping) and "loss" in output and "logits" in output:
+        return output["loss"], output["logits"]
+    if (
+        not isinstance(output, (torch.Tensor, numbers.Number, str, bytes))
+        and output is not None
+        and getattr(output, "loss", None) is not None
+        and hasattr(output, "logits")
+    ):
+        return output.loss, output.logits
+    return None
+
+
+def check_closure_output(
+    output: Any, *, with_logits: bool = False, requires_grad: bool = False, who: str = "closure"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate what a closure returned and return ``(loss, logits)`` (``logits`` is ``None``
+    unless ``with_logits``). The one check of a closure's return value in the library.
+
+    Allowed: a one-element floating-point tensor or a Python real number (converted to a float64
+    tensor); with ``with_logits``, ``(loss, logits)``, a mapping with keys ``"loss"`` and
+    ``"logits"`` or an object with ``.loss`` and ``.logits`` (a Hugging Face ``ModelOutput``).
+    ``requires_grad``: the loss must carry an autograd graph (for optimizers that differentiate
+    it themselves). Raises :class:`ClosureOutputTypeError` (a ``TypeError``) or
+    :class:`ClosureOutputError` (a ``ValueError``) naming what was returned.
+    """
+    allowed = "a scalar loss tensor or float"
+    if with_logits:
+        allowed += " paired with the logits: (loss, logits), {'loss', 'logits'} or a ModelOutput"
+    logits = None
+    loss = output
+    if with_logits:
+        pair = _split_pair(output)
+        if pair is None:
+            hint = (
+                "; the Gauss-Newton-Bartlett estimator needs the logits"
+                if isinstance(output, (torch.Tensor, numbers.Real))
+                else ""
+            )
+            raise ClosureOutputTypeError(
+                f"{who} must return {allowed}, got {_describe(output)}{hint}"
+            )
+        loss, logits = pair
+        if not isinstance(logits, torch.Tensor):
+            raise ClosureOutputTypeError(
+                f"{who} must return {allowed}; the logits are {_describe(logits)}"
+            )
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ClosureOutputError(f"{who} must return {allowed}, got {_describe(loss)}")
+        if not (loss.is_floating_point() or loss.is_complex()):
+            raise ClosureOutputTypeError(
+                f"{who} must return {allowed}, got {_describe(loss)} (not floating point)"
+            )
+    elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        loss = torch.tensor(float(loss), dtype=torch.float64)
+    else:
+        raise ClosureOutputTypeError(f"{who} must return {allowed}, got {_describe(loss)}")
+    if requires_grad and not loss.requires_grad:
+        raise ClosureOutputError(
+            f"the loss returned by {who} does not require grad: closure(backward=False) must "
+            "build the autograd graph (do not wrap its forward pass in torch.no_grad())"
+        )
+    return loss, logits
 
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)

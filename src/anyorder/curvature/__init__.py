@@ -12,6 +12,7 @@ from anyorder.curvature.hvp import (
     HVP_METHODS,
     CurvatureFallbackWarning,
     HVPEngine,
+    double_backward_unavailable,
     is_double_backward_error,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "GaussNewtonBartlett",
     "HVPEngine",
     "HutchinsonDiagonal",
+    "double_backward_unavailable",
     "is_double_backward_error",
     "split_loss_logits",
 ]

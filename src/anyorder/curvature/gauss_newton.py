@@ -23,12 +23,13 @@ a generator keyed by ``(seed, step)`` (:func:`anyorder.core.rng.generator_for`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from anyorder.core.closure import check_closure_output
 from anyorder.core.rng import generator_for
 from anyorder.curvature.hutchinson import CurvatureEstimate
 from anyorder.curvature.hvp import (
@@ -42,18 +43,10 @@ __all__ = ["GaussNewtonBartlett", "split_loss_logits"]
 
 
 def split_loss_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, logits)`` from a closure's output: a pair, a mapping or a ``ModelOutput``."""
-    if isinstance(output, (tuple, list)) and len(output) == 2:
-        return output[0], output[1]
-    if isinstance(output, Mapping) and "loss" in output and "logits" in output:
-        return output["loss"], output["logits"]
-    if hasattr(output, "loss") and hasattr(output, "logits") and output.loss is not None:
-        return output.loss, output.logits
-    raise TypeError(
-        "the Gauss-Newton-Bartlett estimator needs the logits: closure(backward=False) must return "
-        "(loss, logits), a dict with 'loss' and 'logits', or a ModelOutput with .loss and "
-        f".logits; got {type(output).__name__}"
-    )
+    """``(loss, logits)`` from a closure's output: a pair, a mapping or a ``ModelOutput`` (checked
+    by :func:`anyorder.core.closure.check_closure_output`, the one check of closure outputs)."""
+    loss, logits = check_closure_output(output, with_logits=True)
+    return loss, logits  # type: ignore[return-value]
 
 
 class GaussNewtonBartlett:

@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from anyorder.core.closure import accepts_backward, call_closure
+from anyorder.core.closure import accepts_backward, call_closure, check_closure_output
 
 __all__ = [
     "HVP_METHODS",
     "CurvatureFallbackWarning",
     "HVPEngine",
+    "double_backward_unavailable",
     "is_double_backward_error",
     "loss_with_graph",
     "finite_difference_step",
@@ -49,16 +50,55 @@ _DOUBLE_BACKWARD_MARKERS = (
 )
 
 
+class _Blocked(RuntimeError):
+    """Internal: the gradient's graph shows that double backward is unavailable."""
+
+
 class CurvatureFallbackWarning(UserWarning):
     """Double backward is unavailable; a curvature estimator fell back to another method."""
 
 
+#: Autograd nodes that stand for a backward that cannot itself be differentiated
+#: (``once_differentiable`` functions, operators without a derivative formula).
+_BLOCKING_NODES = ("Error", "DelayedError", "NotImplemented")
+
+
+def double_backward_unavailable(
+    grads: Sequence[torch.Tensor] = (), err: BaseException | None = None
+) -> str | None:
+    """Why double backward is unavailable, or ``None``: the one detector of a missing double
+    derivative (used by :class:`HVPEngine` and by :mod:`anyorder.hessian.operators`).
+
+    ``grads`` (gradients taken with ``create_graph=True``): their graph is walked for a node that
+    stands for a backward without a derivative; such nodes may silently drop their contribution
+    (a ``once_differentiable`` function makes the Hessian-vector product zero without an error).
+    ``err`` (an error raised by a double backward): its text says the derivative is missing.
+    """
+    if err is not None:
+        if isinstance(err, (RuntimeError, NotImplementedError)):
+            text = str(err).strip()
+            if any(marker in text.lower() for marker in _DOUBLE_BACKWARD_MARKERS):
+                return text.split("\n")[0]
+        return None
+    stack = [(g.grad_fn, None) for g in grads if g is not None and g.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node, parent = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in _BLOCKING_NODES:
+            # The blocking node's own name is generic; the node that uses it names the operation.
+            where = f" below {parent.name()}" if parent is not None else ""
+            return f"the gradient's graph holds a {type(node).__name__} node{where}"
+        stack.extend((next_fn, node) for next_fn, _ in node.next_functions)
+    return None
+
+
 def is_double_backward_error(err: BaseException) -> bool:
-    """Whether ``err`` says that an operation has no (double) derivative."""
-    if not isinstance(err, (RuntimeError, NotImplementedError)):
-        return False
-    text = str(err).lower()
-    return any(marker in text for marker in _DOUBLE_BACKWARD_MARKERS)
+    """Whether ``err`` says that an operation has no (double) derivative
+    (:func:`double_backward_unavailable` given the error)."""
+    return double_backward_unavailable(err=err) is not None
 
 
 def require_contract_closure(closure: Any, who: str) -> None:
@@ -86,19 +126,9 @@ def loss_with_graph(closure: Callable[..., Any]) -> Any:
 
 
 def check_scalar_loss(loss: Any) -> torch.Tensor:
-    """Validate that ``loss`` is a scalar tensor attached to the parameters' graph."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"closure(backward=False) must return the loss as a tensor, got {type(loss).__name__}"
-        )
-    if loss.numel() != 1:
-        raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
-    if not loss.requires_grad:
-        raise ValueError(
-            "the closure's loss does not require grad: closure(backward=False) must build the "
-            "autograd graph (do not wrap its forward pass in torch.no_grad())"
-        )
-    return loss
+    """Validate that ``loss`` is a scalar tensor attached to the parameters' graph (the one
+    check of :func:`anyorder.core.closure.check_closure_output`)."""
+    return check_closure_output(loss, requires_grad=True, who="closure(backward=False)")[0]
 
 
 def grads_or_zeros(
@@ -145,11 +175,11 @@ class HVPEngine:
         #: call the closure instead, where a caller can count them).
         self.products = 0
 
-    def _fall_back(self, err: BaseException) -> None:
+    def _fall_back(self, reason: str) -> None:
         self.resolved = "finite_difference"
         if not self.warned:
             self.warned = True
-            first_line = str(err).strip().split("\n")[0]
+            first_line = reason
             warnings.warn(
                 f"{self.owner}: double backward is unavailable for this model ({first_line}); "
                 "Hessian-vector products fall back to finite differences of two gradients (one "
@@ -181,6 +211,11 @@ class HVPEngine:
             loss = loss.detach()
             if not math.isfinite(float(loss)):
                 return loss, [torch.zeros_like(p) for p in params], []
+            blocked = None
+            if self.resolved is None and self.method == "auto":
+                # Once per engine (the model's graph keeps its structure): a node without a
+                # double derivative may drop its part of H v silently, without an error.
+                blocked = double_backward_unavailable(grads)
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             every = len(live) == len(params)
             live_grads = grads if every else [grads[i] for i in live]
@@ -206,12 +241,19 @@ class HVPEngine:
                         if h is not None:
                             hv[i] = h
                     products.append(hv)
+                if blocked is not None:
+                    # The products did not raise, but a blocking node may have dropped its part
+                    # (an error, when there is one, names the operation better: tried first).
+                    raise _Blocked(blocked)
                 self.resolved = "autograd"
                 return loss, [g.detach() for g in grads_or_zeros(grads, params)], products
             except (RuntimeError, NotImplementedError) as err:
-                if self.method != "auto" or not is_double_backward_error(err):
+                reason = (
+                    str(err) if isinstance(err, _Blocked) else double_backward_unavailable(err=err)
+                )
+                if self.method != "auto" or reason is None:
                     raise
-                self._fall_back(err)
+                self._fall_back(reason)
                 flat = [g.detach() for g in grads_or_zeros(grads, params)]
                 del grads
         else:

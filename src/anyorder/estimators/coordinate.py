@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from anyorder.core.closure import call_closure
+from anyorder.core.closure import call_closure, check_closure_output
 
 __all__ = ["CoordinateWise", "zo_pruning_mask"]
 
@@ -75,7 +75,8 @@ class CoordinateWise:
                     )
 
         def f() -> float:
-            return float(call_closure(closure, backward=False).detach().double())
+            loss, _ = check_closure_output(call_closure(closure, backward=False))
+            return float(loss.detach().double())
 
         base = None if self.central else f()
         values = [] if base is None else [base]
@@ -88,17 +89,19 @@ class CoordinateWise:
                 coords = torch.nonzero(self.mask[k].reshape(-1)).reshape(-1).tolist()
             for j in coords:
                 saved = flat[j].clone()
-                flat[j] = saved + self.mu
-                plus = f()
-                if self.central:
-                    flat[j] = saved - self.mu
-                    minus = f()
-                    gflat[j] = (plus - minus) / (2 * self.mu)
-                    values += [plus, minus]
-                else:
-                    gflat[j] = (plus - base) / self.mu
-                    values.append(plus)
-                flat[j] = saved
+                try:  # any exception in the closure: the coordinate is put back exactly
+                    flat[j] = saved + self.mu
+                    plus = f()
+                    if self.central:
+                        flat[j] = saved - self.mu
+                        minus = f()
+                        gflat[j] = (plus - minus) / (2 * self.mu)
+                        values += [plus, minus]
+                    else:
+                        gflat[j] = (plus - base) / self.mu
+                        values.append(plus)
+                finally:
+                    flat[j] = saved
             p.grad = grad
         return sum(values) / len(values) if values else float("nan")
 

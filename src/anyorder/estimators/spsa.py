@@ -179,32 +179,46 @@ class SPSA:
 
         ``loss_at()`` returns the loss at the weights as they are when it is called. The weights
         are left displaced by ``pending * z_last`` (see :class:`SPSASample`). If a loss is not
-        finite, the remaining queries are not evaluated.
+        finite, the remaining queries are not evaluated. If ``loss_at`` raises (any exception,
+        ``KeyboardInterrupt`` included) the displacement is subtracted again before the exception
+        propagates; as in MeZO's own restore, that is exact up to the rounding of the additions
+        (a caller that needs the weights bit for bit keeps a copy, see ``ZOSGD(exact_restore=)``).
         """
         mu, projected, losses = self.mu, [], []
         last = self.n_queries - 1
-        base = loss_at() if self.one_sided else None
-        if base is not None:
-            losses.append(base)
-            if not math.isfinite(base):
-                return SPSASample(step, (), tuple(losses), 0.0)
-        for q in range(self.n_queries):
-            self.perturb_(params, step, q, mu)
-            plus = loss_at()
-            losses.append(plus)
-            if self.one_sided:
-                pending = -mu
-                projected.append((plus - base) / mu)
-            else:
-                self.perturb_(params, step, q, -2 * mu)
-                minus = loss_at()
-                losses.append(minus)
-                pending = mu
-                projected.append((plus - minus) / (2 * mu))
-            if not math.isfinite(projected[-1]):
-                return SPSASample(step, tuple(projected), tuple(losses), pending)
-            if q != last:
-                self.perturb_(params, step, q, pending)
+        shift = [0, 0.0]  # (query, displacement) the weights carry now
+        try:
+            base = loss_at() if self.one_sided else None
+            if base is not None:
+                losses.append(base)
+                if not math.isfinite(base):
+                    return SPSASample(step, (), tuple(losses), 0.0)
+            for q in range(self.n_queries):
+                self.perturb_(params, step, q, mu)
+                shift[:] = [q, mu]
+                plus = loss_at()
+                losses.append(plus)
+                if self.one_sided:
+                    pending = -mu
+                    projected.append((plus - base) / mu)
+                else:
+                    self.perturb_(params, step, q, -2 * mu)
+                    shift[:] = [q, -mu]
+                    minus = loss_at()
+                    losses.append(minus)
+                    pending = mu
+                    projected.append((plus - minus) / (2 * mu))
+                if not math.isfinite(projected[-1]):
+                    return SPSASample(step, tuple(projected), tuple(losses), pending)
+                if q != last:
+                    self.perturb_(params, step, q, pending)
+                    shift[:] = [q, 0.0]
+        except BaseException:
+            # Any exception (KeyboardInterrupt included) inside an evaluation: take the
+            # displacement back out before it propagates (to the rounding of the subtraction).
+            if shift[1]:
+                self.perturb_(params, step, int(shift[0]), -shift[1])
+            raise
         return SPSASample(step, tuple(projected), tuple(losses), pending)
 
     @torch.no_grad()
@@ -258,12 +272,13 @@ class SPSA:
         not finite, the weights are restored and every ``p.grad`` is set to ``None``, so a
         following ``torch.optim`` step leaves them alone instead of reusing stale gradients.
         """
-        from anyorder.core.closure import call_closure
+        from anyorder.core.closure import call_closure, check_closure_output
 
         indexed = [(i, p) for i, p in enumerate(params) if p.requires_grad]
 
         def loss_at() -> float:
-            return float(call_closure(closure, backward=False).detach().double())
+            loss, _ = check_closure_output(call_closure(closure, backward=False))
+            return float(loss.detach().double())
 
         sample = self.sample(indexed, loss_at, step)
         if not sample.finite:

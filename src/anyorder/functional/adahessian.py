@@ -46,7 +46,9 @@ def adahessian_(
     m = b1 m + (1 - b1) g;  if a new (spatially averaged) diagonal D is given:
     v = b2 v + (1 - b2) D^2;  denom = (sqrt(v) / sqrt(1 - b2^s))^k + eps (s = ``hessian_step``,
     the number of diagonals averaged into v);
-    p -= lr / (1 - b1^t) * (m / denom + wd p) (weight decay as in the authors' code).
+    p -= lr * (m / (1 - b1^t) / denom + wd p): weight decay scaled by ``lr`` alone, as in the
+    authors' code (``image_classification/optim_adahessian.py``; fairseq's version likewise), not
+    by the bias-corrected step size.
     """
     if not params:
         return
@@ -61,5 +63,5 @@ def adahessian_(
     torch._foreach_add_(denom, eps)
     step_size = lr / (1 - beta1**step)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - step_size * weight_decay)
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anyorder.curvature.hvp import is_double_backward_error
+from anyorder.curvature.hvp import double_backward_unavailable
 
 __all__ = [
     "CurvatureOperator",
@@ -431,27 +431,6 @@ class _FiniteDifferenceState:
         self.batch = batch
 
 
-#: Autograd nodes that stand for a backward that cannot itself be differentiated
-#: (``once_differentiable`` functions, operators without a derivative formula).
-_BLOCKING_NODES = ("Error", "DelayedError", "NotImplemented")
-
-
-def _blocked_double_backward(grads: Sequence[torch.Tensor]) -> str | None:
-    """The name of a node in the gradients' graph that makes double backward unavailable (such
-    nodes may silently drop their contribution instead of raising), or ``None``."""
-    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ in _BLOCKING_NODES:
-            return type(node).__name__
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return None
-
-
 class Hessian(ModelOperator):
     """The Hessian of the (batch-averaged) loss with respect to the chosen parameters, by
     Hessian-vector products as in PyHessian (Yao et al., "PyHessian: Neural Networks Through the
@@ -477,9 +456,9 @@ class Hessian(ModelOperator):
         grads = torch.autograd.grad(
             loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
         )
-        blocked = _blocked_double_backward(grads)
+        blocked = double_backward_unavailable(grads)
         if blocked is not None:
-            self._fall_back(f"the gradient's graph holds a {blocked} node")
+            self._fall_back(blocked)
             return _FiniteDifferenceState(batch)
         return batch, grads
 
@@ -501,9 +480,10 @@ class Hessian(ModelOperator):
         try:
             blocks = _grad(grads, self.params, parts, batched=True)
         except RuntimeError as err:
-            if not is_double_backward_error(err):  # e.g. out of memory: not a reason to fall back
+            reason = double_backward_unavailable(err=err)
+            if reason is None:  # e.g. out of memory: not a reason to fall back
                 raise
-            self._fall_back(str(err).strip().splitlines()[0])
+            self._fall_back(reason)
             blocks = self._fd_blocks(batch, parts)
         return flatten_batched(blocks, vs.shape[0])
 

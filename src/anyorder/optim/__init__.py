@@ -4,6 +4,7 @@
 from anyorder.optim.adahessian import AdaHessian
 from anyorder.optim.cbo import CBO
 from anyorder.optim.first_order import DiffGrad, Lion
+from anyorder.optim.groups import asam_groups, decay_groups
 from anyorder.optim.mfac import MFAC
 from anyorder.optim.sam import SAM
 from anyorder.optim.sophia import Sophia
@@ -20,4 +21,6 @@ __all__ = [
     "MFAC",
     "SAM",
     "Sophia",
+    "asam_groups",
+    "decay_groups",
 ]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from anyorder.core.base import AnyOrderOptimizer
-from anyorder.core.closure import call_closure
-from anyorder.curvature.gauss_newton import split_loss_logits
 from anyorder.curvature.hutchinson import CurvatureEstimate
+from anyorder.curvature.hvp import require_contract_closure
 from anyorder.optim._common import indexed_params
 
 __all__ = ["CurvatureOptimizer", "total_norm"]
@@ -51,14 +49,12 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         self._telemetry: dict[str, Any] = {}
 
     @property
-    def internal_backward_passes(self) -> int:
-        """Backward passes this optimizer made that do not go through the closure's loss:
-        Hessian-vector products by double backward, and Sophia-G's backward from sampled labels
-        (``anyorder bench`` adds them to a run's ``backward_evals``). Not part of the state."""
+    def uncounted_evaluations(self) -> dict[str, int]:
+        """Backward passes that do not go through the closure's loss: Hessian-vector products
+        by double backward, and Sophia-G's backward from sampled labels (see the base class)."""
         engine = getattr(self.estimator, "engine", None)
-        if engine is not None:
-            return int(engine.products)
-        return int(getattr(self.estimator, "calls", 0))
+        backward = engine.products if engine is not None else getattr(self.estimator, "calls", 0)
+        return {"forward": 0, "backward": int(backward)}
 
     # -- schedule --------------------------------------------------------------------------------
     @property
@@ -76,16 +72,8 @@ class CurvatureOptimizer(AnyOrderOptimizer):
     def _items(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
         return indexed_params(self.param_groups)
 
-    def _first_order_loss(self, closure: Callable[..., Any]) -> torch.Tensor:
-        """``closure(backward=True)`` with grad enabled; the loss (split from logits if paired)."""
-        with torch.enable_grad():
-            out = call_closure(closure, backward=True)
-        self.global_state["evaluations"] += 1
-        if not isinstance(out, torch.Tensor) and not isinstance(out, (int, float)):
-            out = split_loss_logits(out)[0]
-        if not isinstance(out, torch.Tensor):
-            out = torch.tensor(float(out))
-        return out.detach()
+    #: Whether the closure returns ``(loss, logits)`` (Sophia-G) instead of the loss.
+    returns_logits = False
 
     def _estimate(
         self,
@@ -93,10 +81,10 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         items: list[tuple[int, torch.Tensor, dict[str, Any]]],
         step: int,
     ) -> CurvatureEstimate:
+        require_contract_closure(closure, type(self).__name__)
         params = [p for _, p, _ in items]
-        est = self.estimator.estimate(closure, params, step, [i for i, _, _ in items])
-        self.global_state["evaluations"] += 1
-        return est
+        checked = self.checked_closure(closure, with_logits=self.returns_logits)
+        return self.estimator.estimate(checked, params, step, [i for i, _, _ in items])
 
     def _evaluate(
         self,
@@ -109,11 +97,14 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         closure itself) when ``refresh``, else ``closure(backward=True)`` and ``.grad`` with no
         diagonal."""
         if refresh:
-            est = self._estimate(closure, items, step)
+            with self.restoring():  # the counters, if a later evaluation of the estimate raises
+                est = self._estimate(closure, items, step)
             self._telemetry["hvp_method"] = est.method
             return est.loss, list(est.grads), est.diagonal
-        loss = self._first_order_loss(closure)
-        return loss, [p.grad for _, p, _ in items], None
+        loss = self.evaluate(closure, backward=True, with_logits=self.returns_logits)
+        if self.returns_logits:
+            loss = loss[0]
+        return loss.detach(), [p.grad for _, p, _ in items], None
 
     def _mark_refreshed(self, step: int) -> None:
         """Record a refresh of the curvature estimate on ``step``."""
@@ -122,18 +113,16 @@ class CurvatureOptimizer(AnyOrderOptimizer):
         self._telemetry["refreshed"] = True
 
     def _finite(
-        self, loss: torch.Tensor | None, diagonal: list[torch.Tensor] | None
-    ) -> tuple[bool, torch.Tensor | None]:
-        """Apply the non-finite policy to the loss and (if given) the new diagonal's norm.
-
-        Returns ``(proceed, norm of the diagonal)`` (the norm ``None`` without a diagonal), so
-        that a caller can reuse the norm as telemetry."""
-        values = [] if loss is None else [float(loss)]
-        norm = None
-        if diagonal is not None:
-            norm = total_norm(diagonal) if diagonal else None
-            values.append(math.nan if norm is None else float(norm))
-        return (not values or self.loss_is_finite(*values)), norm
+        self,
+        loss: torch.Tensor | None,
+        grads: list[torch.Tensor | None],
+        diagonal: list[torch.Tensor] | None,
+    ) -> bool:
+        """Apply the non-finite policy to the loss, the gradients and (if given) the new
+        diagonal estimate, with one host sync; ``False``: skip the step (nothing changes)."""
+        losses = () if loss is None else (loss,)
+        # An estimator returns no diagonal when the loss was not finite: the loss says so.
+        return self.all_finite(losses, gradient=grads, **{"Hessian estimate": diagonal or None})
 
     def _state(self, p: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
         """The state tensors ``names`` of ``p``, created as zeros on first use."""

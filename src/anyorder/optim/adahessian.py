@@ -7,9 +7,10 @@ the window; the authors' code averages |D| instead, which biases the estimate up
 correction and the Hessian power k:
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) D_s^2  (refresh steps);
-    p <- p - lr / (1 - b1^t) * (m / ((sqrt(v) / sqrt(1 - b2^s))^k + eps) + wd p),
+    p <- p - lr * (m / (1 - b1^t) / ((sqrt(v) / sqrt(1 - b2^s))^k + eps) + wd p),
 
-with weight decay as in the authors' code (the paper has none). With ``update_every=k > 1`` the
+with weight decay as in the authors' code (the paper has none): scaled by ``lr``, not by the
+bias-corrected step size ``lr / (1 - b1^t)`` (that would decay 10x harder at step 1 with b1 = 0.9). With ``update_every=k > 1`` the
 diagonal is re-estimated every k steps and v (and its bias correction, over s refreshes) only
 changes then.
 """
@@ -17,6 +18,7 @@ changes then.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,14 +41,15 @@ class AdaHessian(CurvatureOptimizer):
         lr: learning rate (the paper's default 0.15).
         betas: (b1, b2) of the gradient EMA and of the squared-diagonal EMA.
         eps: added to the denominator.
-        weight_decay: as in the authors' code, ``p -= lr / (1 - b1^t) * wd * p``.
+        weight_decay: as in the authors' code, ``p -= lr * wd * p`` (no bias correction).
         hessian_power: the paper's k in (0, 1].
         update_every: re-estimate the diagonal every this many steps.
         spatial_average: average the diagonal over convolution kernels' windows.
         n_samples: Hutchinson probes per estimate.
         seed: probe seed (probes keyed by (seed, step)).
         hvp: ``"auto"``, ``"autograd"`` or ``"finite_difference"``.
-        on_nonfinite: ``"skip"`` or ``"raise"``.
+        on_nonfinite: ``"skip"`` or ``"raise"``, for a non-finite loss, gradient or Hessian
+            diagonal estimate (a skipped step changes neither weights nor state).
 
     Needs ``opt.step(closure)`` (the optimizer differentiates ``closure(backward=False)``
     itself). Telemetry: ``hessian_norm`` (norm of the latest diagonal), ``refreshed``,
@@ -98,21 +101,20 @@ class AdaHessian(CurvatureOptimizer):
     def step(self, closure: Callable[..., Any] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One AdaHessian step; returns the loss."""
         require_contract_closure(closure, "AdaHessian")
+        self.check_hyperparameters()
         step = int(self.global_state["step"])
         items = self._items()
         self._telemetry["refreshed"] = False
         loss, grads, diagonal = self._evaluate(closure, items, step, self.hessian_due)
-        proceed, norm = self._finite(loss, diagonal)
-        if not proceed:
+        if not self._finite(loss, grads, diagonal):
             self.global_state["step"] = step + 1
             return loss
         if diagonal is not None:
             self._set_grads(items, grads)
             if self.spatial_average and any(d.dim() >= 3 for d in diagonal):
                 diagonal = spatial_average_(diagonal)
-                norm = total_norm(diagonal)
             self._mark_refreshed(step)
-            self._telemetry["hessian_norm"] = norm
+            self._telemetry["hessian_norm"] = partial(total_norm, diagonal)
         updates = int(self.global_state["updates"]) + 1
         refreshes = int(self.global_state["hessian_refreshes"])
         names = ("exp_avg", "exp_hessian_sq")

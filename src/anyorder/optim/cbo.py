@@ -35,7 +35,7 @@ from anyorder.cbo.dynamics import (
     sanitize_energies,
 )
 from anyorder.core.base import AnyOrderOptimizer
-from anyorder.core.closure import call_closure
+from anyorder.core.closure import ClosureOutputError, ClosureOutputTypeError
 from anyorder.core.rng import generator_for
 
 __all__ = ["CBO"]
@@ -44,14 +44,13 @@ __all__ = ["CBO"]
 class _ClosureModule(nn.Module):
     """Wraps ``model`` so that ``functional_call`` can swap its parameters around a closure."""
 
-    def __init__(self, model: nn.Module, closure: Callable[..., Any]) -> None:
+    def __init__(self, model: nn.Module, evaluate: Callable[[], torch.Tensor]) -> None:
         super().__init__()
         self.model = model
-        self._closure = closure
+        self._evaluate = evaluate
 
     def forward(self) -> torch.Tensor:
-        loss = call_closure(self._closure, backward=False)
-        return torch.as_tensor(loss).reshape(())
+        return self._evaluate().reshape(())
 
 
 class CBO(AnyOrderOptimizer):
@@ -75,7 +74,13 @@ class CBO(AnyOrderOptimizer):
     non-finite get weight zero; if every particle's loss is non-finite the step is skipped (or
     raises, ``on_nonfinite="raise"``) and nothing moves. All random draws are keyed by
     ``(seed, step)``, so a resumed run continues exactly.
+
+    An exception in the closure (``KeyboardInterrupt`` included) leaves the parameters, the swarm
+    and the counters as they were. :meth:`add_param_group` works until the first step creates
+    the swarm and is refused after it (the swarm's dimension is fixed then).
     """
+
+    hyperparameter_ranges = {"lr": (0.0, False, math.inf, False)}
 
     def __init__(
         self,
@@ -125,6 +130,7 @@ class CBO(AnyOrderOptimizer):
         self.vectorize = vectorize
         self.eval_chunk_size = eval_chunk_size
         self._vmap_failed = False
+        self._batched_forwards = 0
         self.global_state.update(
             {"alpha": float(alpha), "function_evaluations": 0, "particles": None}
         )
@@ -138,6 +144,33 @@ class CBO(AnyOrderOptimizer):
                 "CBO keeps the swarm in one tensor: all parameters must share a dtype and a device, "
                 f"got {sorted(map(str, dtypes))} on {sorted(map(str, devices))}"
             )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group before the first step (same dtype and device as the others); refused with
+        ``ValueError`` once the swarm exists."""
+        gs = getattr(self, "global_state", None)
+        if gs is not None and gs.get("particles") is not None:
+            raise ValueError(
+                "CBO cannot add a param group after its first step: the swarm holds "
+                f"{gs['particles'].shape[1]} coordinates (the parameters it started with); "
+                "build a new CBO over all the parameters instead"
+            )
+        super().add_param_group(param_group)
+        if gs is None:
+            return  # the constructor checks dtypes and devices once all groups are in
+        trainable = self._trainable()
+        if len({p.dtype for p in trainable}) > 1 or len({p.device for p in trainable}) > 1:
+            self.param_groups.pop()
+            raise ValueError(
+                "CBO keeps the swarm in one tensor: the new group's parameters must share the "
+                "dtype and device of the others"
+            )
+
+    @property
+    def uncounted_evaluations(self) -> dict[str, int]:
+        """Loss evaluations of particles batched into one vectorised call beyond the first
+        (the closure runs once for the whole batch). See the base class."""
+        return {"forward": self._batched_forwards, "backward": 0}
 
     # -- layout -----------------------------------------------------------------------------------
     def _trainable(self) -> list[torch.Tensor]:
@@ -186,7 +219,7 @@ class CBO(AnyOrderOptimizer):
     def _evaluate_vmapped(
         self, closure: Callable[..., Any], model: nn.Module, rows: torch.Tensor
     ) -> torch.Tensor:
-        wrapper = _ClosureModule(model, closure)
+        wrapper = _ClosureModule(model, lambda: self.evaluate(closure, backward=False))
         names = ["model." + n for n in self._named_targets(model)]
         shapes = [p.shape for p in self._trainable()]
         sizes = [p.numel() for p in self._trainable()]
@@ -197,7 +230,10 @@ class CBO(AnyOrderOptimizer):
             return torch.func.functional_call(wrapper, tensors, (), strict=False)
 
         batched = torch.func.vmap(loss_of, randomness="same", chunk_size=self.eval_chunk_size)
-        return batched(rows)
+        calls = self.global_state["evaluations"]
+        losses = batched(rows)
+        self._batched_forwards += rows.shape[0] - (self.global_state["evaluations"] - calls)
+        return losses
 
     def _evaluate_one_by_one(self, closure: Callable[..., Any], rows: torch.Tensor) -> torch.Tensor:
         current = self._flat_params()
@@ -205,7 +241,7 @@ class CBO(AnyOrderOptimizer):
         try:
             for row in rows:
                 self._write_params(row)
-                losses.append(torch.as_tensor(call_closure(closure, backward=False)).reshape(()))
+                losses.append(self.evaluate(closure, backward=False).reshape(()))
         finally:
             self._write_params(current)
         return torch.stack(losses)
@@ -216,6 +252,8 @@ class CBO(AnyOrderOptimizer):
         if model is not None and self.vectorize and not self._vmap_failed:
             try:
                 return self._evaluate_vmapped(closure, model, rows)
+            except (ClosureOutputError, ClosureOutputTypeError):
+                raise  # the closure returned no loss: not a reason to stop vectorising
             except Exception as err:  # noqa: BLE001 - any vmap failure falls back, with a warning
                 self._vmap_failed = True
                 warnings.warn(
@@ -235,16 +273,17 @@ class CBO(AnyOrderOptimizer):
                 "CBO needs a closure: opt.step(closure), where closure(backward=False) returns the "
                 "loss of the current parameters (see anyorder.core.make_closure)"
             )
+        self.check_hyperparameters()
         gs = self.global_state
         current = self._flat_params()
-        if gs["particles"] is None:
+        particles = gs["particles"]
+        if particles is None:
             gen = generator_for(self.seed, 0, query=1, device="cpu")
             noise = torch.randn((self.n_particles, current.numel()), generator=gen)
-            gs["particles"] = current + self.init_std * noise.to(current)
-        particles: torch.Tensor = gs["particles"]
-        losses = self._evaluate(closure, torch.cat([particles, current[None]]))
+            particles = current + self.init_std * noise.to(current)
+        with self.restoring():
+            losses = self._evaluate(closure, torch.cat([particles, current[None]]))
         losses = losses.detach().to(torch.float64)
-        gs["evaluations"] += 1
         gs["function_evaluations"] += particles.shape[0] + 1
         current_loss = float(losses[-1])
         energies = sanitize_energies(losses[:-1])
@@ -252,6 +291,7 @@ class CBO(AnyOrderOptimizer):
         if not self.loss_is_finite(best):
             gs["step"] += 1
             return current_loss
+        gs["particles"] = particles  # the swarm exists once a step has used it
         alpha = gs["alpha"]
         centre, weights = consensus(particles, energies, alpha)
         gen = generator_for(self.seed, gs["step"] + 1, device=particles.device)

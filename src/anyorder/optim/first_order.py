@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from anyorder.core.base import AnyOrderOptimizer
-from anyorder.core.closure import call_closure
 from anyorder.functional.diffgrad import diffgrad_
 from anyorder.functional.lion import lion_
 from anyorder.optim._common import check_betas, check_nonnegative
@@ -21,14 +20,16 @@ class _FirstOrder(AnyOrderOptimizer):
     """Closure handling and the non-finite policy for rules fed by ``p.grad``."""
 
     def _loss(self, closure: Callable[..., Any] | None) -> tuple[torch.Tensor | None, bool]:
-        """(loss, proceed): evaluates the closure (``backward=True``) if given."""
-        if closure is None:
-            return None, True
-        with torch.enable_grad():
-            loss = call_closure(closure, backward=True)
-        self.global_state["evaluations"] += 1
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        if not self.loss_is_finite(value):
+        """(loss, proceed): checks the hyperparameters, evaluates the closure
+        (``backward=True``) if given, and applies the non-finite policy to the loss and every
+        gradient (one host sync); a skipped step changes neither weights nor state."""
+        self.check_hyperparameters()
+        loss = None if closure is None else self.evaluate(closure, backward=True)
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        losses = () if loss is None else (loss.detach(),)
+        if not self.all_finite(losses, gradient=grads):
             self.global_state["step"] += 1
             return loss, False
         return loss, True
@@ -65,7 +66,8 @@ class Lion(_FirstOrder):
         lr: learning rate (typically 3-10x smaller than AdamW's).
         betas: (b1, b2), interpolation and momentum coefficients.
         weight_decay: decoupled weight decay (typically 3-10x larger than AdamW's).
-        on_nonfinite: policy for a closure's non-finite loss.
+        on_nonfinite: policy for a non-finite loss or gradient (``"skip"``: nothing changes,
+            the step is counted in ``global_state["skipped_steps"]``; ``"raise"``).
     """
 
     def __init__(
@@ -120,7 +122,8 @@ class DiffGrad(_FirstOrder):
         betas: Adam's (b1, b2).
         eps: added to ``sqrt(v)``.
         weight_decay: L2 penalty (added to the gradient).
-        on_nonfinite: policy for a closure's non-finite loss.
+        on_nonfinite: policy for a non-finite loss or gradient (``"skip"``: nothing changes,
+            the step is counted in ``global_state["skipped_steps"]``; ``"raise"``).
     """
 
     def __init__(

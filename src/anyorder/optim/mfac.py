@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from anyorder.core.base import AnyOrderOptimizer
-from anyorder.core.closure import call_closure
 from anyorder.functional.sgd import sgd_
 from anyorder.optim._common import check_nonnegative, check_positive_int, indexed_params
 
@@ -42,11 +41,18 @@ class MFAC(AnyOrderOptimizer):
         lr: learning rate.
         m: window length (the paper uses up to 1024 on GPUs; memory is m x d).
         damping: lambda > 0.
-        momentum: heavy-ball momentum on the preconditioned direction (as torch.optim.SGD).
+        momentum: heavy-ball momentum on the preconditioned direction d, as torch.optim.SGD:
+            ``b <- momentum b + d; p <- p - lr b``. The reference code averages instead,
+            ``v <- momentum v + (1 - momentum) d; p <- p - lr_ref v``; both start from zero, so
+            ``b = v / (1 - momentum)`` and ``lr = lr_ref * (1 - momentum)`` gives the reference's
+            trajectory exactly.
         weight_decay: L2, added to the gradient before it enters the window.
-        on_nonfinite: policy for a closure's non-finite loss.
+        on_nonfinite: policy for a non-finite loss or gradient: ``"skip"`` (nothing enters the
+            window, nothing moves; counted in ``global_state["skipped_steps"]``) or ``"raise"``.
 
-    Works with ``loss.backward(); opt.step()`` and with ``opt.step(closure)``.
+    Works with ``loss.backward(); opt.step()`` and with ``opt.step(closure)``. The window spans
+    the parameters of the first step: :meth:`add_param_group` works before it and is refused
+    after it (the window's length would change).
     """
 
     def __init__(
@@ -73,23 +79,33 @@ class MFAC(AnyOrderOptimizer):
         self.damping = damping
         self.global_state.update({"slot": 0, "window": None, "gram": None})
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group before the first step; after it, refuse with ``ValueError`` (the window
+        holds gradients of the parameters it started with)."""
+        gs = getattr(self, "global_state", None)
+        if gs is not None and gs.get("window") is not None:
+            raise ValueError(
+                "MFAC cannot add a param group after its first step: its gradient window holds "
+                f"gradients of {gs['window'].shape[1]} elements (the parameters it started with); "
+                "build a new MFAC over all the parameters instead"
+            )
+        super().add_param_group(param_group)
+
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:  # type: ignore[override]
         """One M-FAC step on ``p.grad`` (after ``closure()`` if given); returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = call_closure(closure, backward=True)
-            self.global_state["evaluations"] += 1
-            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-            if not self.loss_is_finite(value):
-                self.global_state["step"] += 1
-                return loss
+        self.check_hyperparameters()
+        loss = None if closure is None else self.evaluate(closure, backward=True)
         items = [(i, p, g) for i, p, g in indexed_params(self.param_groups) if p.grad is not None]
-        if not items:
-            return loss
         params = [p for _, p, _ in items]
         grads = [p.grad for p in params]
+        # Checked before anything enters the window: a non-finite gradient would poison the
+        # window and the Gram matrix for the next m steps.
+        if not self.all_finite(() if loss is None else (loss.detach(),), gradient=grads):
+            self.global_state["step"] += 1
+            return loss
+        if not items:
+            return loss
         decays = [g["weight_decay"] for _, _, g in items]
         if any(decays):
             grads = [gr + wd * p if wd else gr for gr, p, wd in zip(grads, params, decays)]
@@ -132,15 +148,20 @@ class MFAC(AnyOrderOptimizer):
                 "of parameters with gradients must not change between steps"
             )
         gx = (window @ x).double()  # O(dm)
+        slot = int(gs["slot"])
         if add_to_window:
-            slot = int(gs["slot"])
-            window[slot] = x
+            # The new Gram matrix is factored before anything is written, so a failed
+            # factorisation leaves the window and the Gram matrix as they were.
             gx[slot] = torch.dot(x.double(), x.double())  # no host sync
+            gram = gram.clone()
             gram[slot, :] = gx
             gram[:, slot] = gx
-            gs["slot"] = (slot + 1) % self.m
         system = gram + self.m * self.damping * torch.eye(self.m, dtype=gram.dtype, device=x.device)
         chol = _robust_cholesky(system)  # O(m^3)
+        if add_to_window:
+            window[slot] = x
+            gs["gram"] = gram
+            gs["slot"] = (slot + 1) % self.m
         coef = torch.cholesky_solve(gx[:, None], chol)[:, 0].to(x.dtype)
         out = x - window.T @ coef  # O(dm)
         return out.div_(self.damping)

@@ -10,14 +10,12 @@ which would drift by rounding); the base optimizer steps with the perturbed grad
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from anyorder.core.base import AnyOrderOptimizer
-from anyorder.core.closure import call_closure
 from anyorder.optim._common import check_nonnegative
 from anyorder.optim._curvature import total_norm
 
@@ -61,7 +59,10 @@ class SAM(AnyOrderOptimizer):
         base_optimizer: the optimizer class that takes the step (or its name, e.g. ``"SGD"``,
             ``"AdamW"``, ``"Lion"``); built as ``base_optimizer(param_groups, **base_kwargs)``.
         rho: neighbourhood radius (per group).
-        adaptive: ASAM's scale-invariant neighbourhood, T = |w| + eta.
+        adaptive: ASAM's scale-invariant neighbourhood, T = |w| + eta, on every tensor of the
+            group (the ASAM paper's T_w). The ASAM authors' code scales only tensors whose name
+            contains ``"weight"`` (biases get T = 1); :func:`anyorder.optim.asam_groups` builds
+            the param groups that give exactly that (``adaptive`` is a per-group setting).
         eta: ASAM's offset (the ASAM paper's 0.01); unused by SAM.
         on_nonfinite: ``"skip"`` leaves the weights and the base optimizer untouched when
             either evaluation is not finite; ``"raise"`` raises.
@@ -159,15 +160,16 @@ class SAM(AnyOrderOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _evaluate(self, closure: Callable[..., Any]) -> tuple[Any, bool]:
-        with torch.enable_grad():
-            loss = call_closure(closure, backward=True)
-        self.global_state["evaluations"] += 1
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        return loss, math.isfinite(value)
+    def _gradients(self) -> list[torch.Tensor | None]:
+        return [p.grad for group in self.param_groups for p in group["params"]]
 
     def step(self, closure: Callable[..., Any] | None = None) -> Any:  # type: ignore[override]
-        """One SAM step: two gradient evaluations through ``closure``; returns the first loss."""
+        """One SAM step: two gradient evaluations through ``closure``; returns the first loss.
+
+        A non-finite loss or gradient at either point skips the step (weights restored from
+        the copy, the base optimizer not called) or raises, per ``on_nonfinite``; an exception
+        in the closure (``KeyboardInterrupt`` included) restores the weights, then propagates.
+        """
         if closure is None:
             raise ValueError(
                 "SAM evaluates the gradient twice per step and needs a closure: call "
@@ -175,16 +177,19 @@ class SAM(AnyOrderOptimizer):
                 "calls backward (anyorder.core.make_closure builds one), or call "
                 "opt.first_step() and opt.second_step() around your own second backward pass"
             )
-        loss, ok = self._evaluate(closure)
-        if not ok:
-            self.loss_is_finite(float(loss))
-            self.global_state["step"] += 1
-            return loss
-        self.first_step(zero_grad=False)
-        second, ok = self._evaluate(closure)
-        if not ok:
+        self.check_hyperparameters()
+        with self.restoring(self.restore):
+            loss = self.evaluate(closure, backward=True)
+            if not self.all_finite((loss.detach(),), gradient=self._gradients()):
+                self.global_state["step"] += 1
+                return loss
+            self.first_step(zero_grad=False)
+            second = self.evaluate(closure, backward=True)
+            finite = self.all_finite(
+                (second.detach(),), **{"gradient at the perturbed weights": self._gradients()}
+            )
+        if not finite:
             self.restore()
-            self.loss_is_finite(float(second))
             self.global_state["step"] += 1
             return loss
         self.second_step()

@@ -149,6 +149,11 @@ class Sophia(CurvatureOptimizer):
         """Whether the estimator is Gauss-Newton-Bartlett (works with logits)."""
         return isinstance(self.estimator, GaussNewtonBartlett)
 
+    @property
+    def returns_logits(self) -> bool:  # type: ignore[override]
+        """Sophia-G's closure returns ``(loss, logits)``."""
+        return self.is_gnb
+
     def _refresh(self, items, diagonal: list[torch.Tensor]) -> None:
         # _grouped sorts the diagonal into the groups as it would gradients
         for group, (_, values, _, hessians) in self._grouped(items, diagonal, _MOMENTS):
@@ -172,19 +177,21 @@ class Sophia(CurvatureOptimizer):
                 "update_hessian(logits) is for Sophia(estimator='gnb'); the Hutchinson estimator "
                 "needs opt.step(closure)"
             )
+        self.check_hyperparameters()
         items = self._items()
         step = int(self.global_state["step"])
         with torch.enable_grad():
             diagonal = self.estimator.from_logits(
                 logits, [p for _, p, _ in items], step, retain_graph=retain_graph
             )
-        if self._finite(None, diagonal)[0]:
+        if self._finite(None, [], diagonal):
             self._materialize("clip_fraction")  # it reads h, which the refresh changes
             self._refresh(items, diagonal)
 
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """One Sophia step; returns the loss (``None`` without a closure)."""
+        self.check_hyperparameters()
         step = int(self.global_state["step"])
         items = self._items()
         due = self.hessian_due
@@ -210,7 +217,7 @@ class Sophia(CurvatureOptimizer):
             grads = [p.grad for _, p, _ in items]
         else:
             loss, grads, diagonal = self._evaluate(closure, items, step, due)
-        if not self._finite(loss, diagonal)[0]:
+        if not self._finite(loss, grads, diagonal):
             self.global_state["step"] = step + 1
             return loss
         if diagonal is not None:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from anyorder.core.base import AnyOrderOptimizer
-from anyorder.core.closure import call_closure
 from anyorder.core.rng import flat_view
 from anyorder.estimators.spsa import SPSA, SPSASample, warn_if_mu_below_resolution
 from anyorder.functional import adam_, sgd_
+from anyorder.optim._common import indexed_params
 
 __all__ = ["ZOSGD", "ZOAdam", "ZOProbeRecord"]
 
@@ -61,9 +61,8 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         probe_every: int,
         on_nonfinite: str,
         portable_directions: bool,
+        exact_restore: bool,
     ) -> None:
-        if defaults.get("weight_decay", 0.0) < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {defaults['weight_decay']!r}")
         if not isinstance(probe_every, int) or probe_every < 0:
             raise ValueError(f"probe_every must be an integer >= 0 (0: off), got {probe_every!r}")
         # The estimator validates mu, n_queries, distribution and seed.
@@ -73,17 +72,21 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         self.probes: list[ZOProbeRecord] = []
         self.last_sample: SPSASample | None = None
         self.global_state.update({"seed": seed, "updates": 0})
+        self.exact_restore = bool(exact_restore)
         self._checked_resolution = False
 
     # Tensor indices are positions over all param groups, so a frozen tensor keeps its key.
     def _indexed(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
-        out, index = [], 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    out.append((index, p, group))
-                index += 1
-        return out
+        return indexed_params(self.param_groups)
+
+    def check_hyperparameters(self) -> None:
+        """The param groups' hyperparameters and the estimator's ``mu`` (finite, > 0)."""
+        super().check_hyperparameters()
+        mu = self.estimator.mu
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (
+            math.isfinite(mu) and mu > 0
+        ):
+            raise ValueError(f"{type(self).__name__}: invalid mu={mu!r}: it must be a finite number > 0")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -96,7 +99,7 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         ``flat_view`` walks both in the same order as the directions)."""
         params = [p for _, p, _ in indexed]
         with torch.enable_grad():
-            loss = call_closure(closure, backward=False)
+            loss = self.evaluate(closure, backward=False, graph=True)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         out = {}
         for (i, p, _), g in zip(indexed, grads):
@@ -136,26 +139,38 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
                 f"{type(self).__name__} needs a closure: opt.step(closure), where closure(backward=False) "
                 "returns the loss on the current batch"
             )
+        self.check_hyperparameters()
         step = int(self.global_state["step"])
         indexed = self._indexed()
         pairs = [(i, p) for i, p, _ in indexed]
         if not self._checked_resolution:
             warn_if_mu_below_resolution(pairs, self.estimator.mu)
             self._checked_resolution = True
-        probe = self.probe_every > 0 and step % self.probe_every == 0
-        true_grads = self._true_gradients(closure, indexed) if probe else None
+        saved = [p.detach().clone() for _, p in pairs] if self.exact_restore else None
 
-        def loss_at() -> float:
-            loss = self.evaluate(closure, backward=False)
-            return float(loss.detach().double())
+        def put_back() -> None:
+            if saved is not None:
+                torch._foreach_copy_([p for _, p in pairs], saved)
 
-        sample = self.estimator.sample(pairs, loss_at, step)
+        with self.restoring(put_back):
+            probe = self.probe_every > 0 and step % self.probe_every == 0
+            true_grads = self._true_gradients(closure, indexed) if probe else None
+
+            def loss_at() -> float:
+                loss = self.evaluate(closure, backward=False)
+                return float(loss.detach().double())
+
+            sample = self.estimator.sample(pairs, loss_at, step)
         self.last_sample = sample
-        self.global_state["step"] = step + 1
         if not sample.finite:
-            self.estimator.restore(pairs, sample)
+            if saved is None:
+                self.estimator.restore(pairs, sample)
+            else:
+                put_back()
             self.loss_is_finite(*sample.losses)  # records the skip or raises
+            self.global_state["step"] = step + 1
             return sample.mean_loss
+        self.global_state["step"] = step + 1
         self.global_state["updates"] += 1
         sums = [0.0, 0.0, 0.0]  # probe: <estimate, gradient>, |estimate|^2, |gradient|^2
         rest = indexed if true_grads is not None else self._fused_update(indexed, sample)
@@ -191,6 +206,7 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         the same sequence reproduces the weights bit for bit. Advances the step counter to
         ``step + 1``.
         """
+        self.check_hyperparameters()
         if len(queries) != len(projected) or not queries:
             raise ValueError(
                 f"need one projected gradient per query, got {len(queries)} queries and "
@@ -266,6 +282,21 @@ class ZOSGD(_ZeroOrderOptimizer):
             ``global_state["skipped_steps"]``) or ``"raise"``.
         portable_directions: draw directions on the CPU so that replicas on any device type
             agree (see :class:`anyorder.estimators.SPSA`); default: on the parameter's device.
+        exact_restore: keep a copy of the weights during each step, so that a step that raises
+            (any exception in the closure, ``KeyboardInterrupt`` included) or is skipped for a
+            non-finite loss puts them back bit for bit. Default off (MeZO keeps no copy): the
+            displacement ``mu z`` is subtracted again, which restores the weights up to the
+            rounding of the additions (at most an ulp or two per element), as MeZO's own restore.
+
+    Weight decay applies to every tensor of a group, biases and normalisation weights included
+    (MeZO's code skips those). To skip them, put them in a group of their own::
+
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        ZOSGD([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-6,
+              weight_decay=0.1)
+
+    (:func:`anyorder.optim.decay_groups` builds these groups.)
     """
 
     def __init__(
@@ -283,6 +314,7 @@ class ZOSGD(_ZeroOrderOptimizer):
         probe_every: int = 0,
         on_nonfinite: str = "skip",
         portable_directions: bool = False,
+        exact_restore: bool = False,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -297,6 +329,7 @@ class ZOSGD(_ZeroOrderOptimizer):
             probe_every=probe_every,
             on_nonfinite=on_nonfinite,
             portable_directions=portable_directions,
+            exact_restore=exact_restore,
         )
 
     def _fused_update(self, indexed, sample):
@@ -348,6 +381,8 @@ class ZOAdam(_ZeroOrderOptimizer):
     (skipped non-finite steps do not count).
     """
 
+    hyperparameter_ranges = {"eps": (0.0, False, math.inf, False)}
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -364,6 +399,7 @@ class ZOAdam(_ZeroOrderOptimizer):
         probe_every: int = 0,
         on_nonfinite: str = "skip",
         portable_directions: bool = False,
+        exact_restore: bool = False,
     ) -> None:
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -380,6 +416,7 @@ class ZOAdam(_ZeroOrderOptimizer):
             probe_every=probe_every,
             on_nonfinite=on_nonfinite,
             portable_directions=portable_directions,
+            exact_restore=exact_restore,
         )
 
     def _buffers(self, p, group):
