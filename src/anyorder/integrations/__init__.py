@@ -1,0 +1,32 @@
+"""Integrations with the stacks users fine-tune in. So far: task-aligned starts for zeroth-order
+fine-tuning (MeZO, Malladi et al. 2023): prompt-based classification through a masked or causal
+LM's own head (:mod:`~anyorder.integrations.prompts`) and heads built from a frozen encoder's
+embeddings (:mod:`~anyorder.integrations.heads`)."""
+
+from anyorder.integrations.heads import (
+    CosineHead,
+    PooledClassifier,
+    embed_texts,
+    label_text_head,
+    label_texts,
+    linear_probe_head,
+    pool,
+    prototype_head,
+    zero_shot_accuracy,
+)
+from anyorder.integrations.prompts import PromptClassifier, encode_prompts, label_token_ids
+
+__all__ = [
+    "CosineHead",
+    "PooledClassifier",
+    "PromptClassifier",
+    "embed_texts",
+    "encode_prompts",
+    "label_text_head",
+    "label_texts",
+    "label_token_ids",
+    "linear_probe_head",
+    "pool",
+    "prototype_head",
+    "zero_shot_accuracy",
+]
