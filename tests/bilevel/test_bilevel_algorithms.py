@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.func import grad, jacfwd
 
-from anyorder.bilevel import BOREP, ITD, LVHBA, Penalty
+from anyorder.bilevel import AID, BOREP, ITD, LVHBA, Penalty
+from anyorder.bilevel.problems import QuadraticBilevel
 
 DT = torch.float64
 NX, NY = 3, 4  # x = [x1 (2,), x2 (1,)], y = [y1 (3,), y2 (1,)]
@@ -184,6 +185,30 @@ def ref_lvhba(steps, alpha, eta, beta, g1, g2, c, p, zmax, proj):
     return x, y, th, lam, z
 
 
+def plain_cg(A, b, x, iters):
+    r = b - A @ x
+    p = r.clone()
+    for _ in range(iters):
+        ap = A @ p
+        a = (r @ r) / (p @ ap)
+        x = x + a * p
+        r_new = r - a * ap
+        p = r_new + (r_new @ r_new) / (r @ r) * p
+        r = r_new
+    return x
+
+
+def ref_aid(steps, alpha, T, K):
+    x, y = X0.clone(), Y0.clone()
+    v = torch.zeros(NY, dtype=DT)
+    for _ in range(steps):
+        for _ in range(T):
+            y = y - alpha * gy(x, y)
+        v = plain_cg(Hyy(x, y), fy(x, y), v, K)
+        x = x - LRS * (fx(x, y) - hxy(x, y, v))
+    return x, y, v
+
+
 # -- trajectory parity --------------------------------------------------------------------------
 def test_penalty_matches_reference():
     v = Vars()
@@ -256,3 +281,56 @@ def test_lvhba_matches_reference(proj):
     assert close(torch.cat(opt.bstate["theta"]), th)
     assert close(opt.bstate["lam"], lam) and close(opt.bstate["z"], z)
     assert active >= 2  # a constraint is active, so the multiplier path is exercised
+
+
+def test_aid_matches_reference():
+    v = Vars()
+    opt = AID(v.groups(LR1, LR2), [v.y1, v.y2], lr=LR1, inner_lr=0.2, inner_steps=3,
+              cg_maxiter=2, cg_rtol=0.0)
+    for _ in range(5):
+        opt.step(v.inner, v.outer)
+    x, y, adj = ref_aid(5, 0.2, 3, 2)
+    vx, vy = v.flat()
+    assert close(vx, x) and close(vy, y)
+    assert close(torch.cat(opt.bstate["v"]), adj)
+    assert opt.last_solve["iterations"] >= 2
+
+
+# -- convergence on the quadratic problem -------------------------------------------------------
+def _quadratic_run(make, steps, sched=None, constraint=False):
+    prob = QuadraticBilevel(nx=3, ny=5, mu=1.0, L=4.0, rho=0.1, seed=1)
+    opt = make([prob.x], [prob.y])
+    scheduler = sched(opt) if sched else None
+    for _ in range(steps):
+        if constraint:
+            opt.step(prob.inner_loss, prob.outer_loss, lambda: prob.y.square().sum() - 1e4)
+        else:
+            opt.step(prob.inner_loss, prob.outer_loss)
+        if scheduler:
+            scheduler.step()
+    xs, ys = prob.solution()
+    x, y = prob.x.detach(), prob.y.detach()
+    return float((x - xs).norm() / xs.norm()), float((y - ys).norm() / ys.norm())
+
+
+# (make, steps, scheduler, tolerance on the relative errors of x and y)
+CONVERGENCE = {
+    "AID": (lambda x, y: AID(x, y, lr=0.3, inner_lr=0.4, inner_steps=5, cg_maxiter=5), 100, None,
+            1e-3),
+    "ITD": (lambda x, y: ITD(x, y, lr=0.3, inner_lr=0.4, inner_steps=10), 150, None, 2e-3),
+    "Penalty": (lambda x, y: Penalty(x, y, lr=0.1, inner_lr=0.4, inner_steps=3, lam=10.0,
+                                     lam_delta=10.0, lam_max=1e4), 250, None, 2e-3),
+    "BOREP": (lambda x, y: BOREP(x, y, lr=0.1, inner_lr=0.4, z_lr=0.2, beta=0.5, inner_steps=5,
+                                 period=2, init_steps=20),
+              300, lambda o: torch.optim.lr_scheduler.StepLR(o, 50, 0.3), 5e-3),
+    # LV-HBA's weight 1/c_k on F shrinks like k^-p: slower, so a looser check
+    "LVHBA": (lambda x, y: LVHBA(x, y, lr=0.3, theta_lr=0.3, z_lr=0.1, gamma1=1.0, gamma2=1.0,
+                                 c=1.0, p=0.3), 500, None, 3e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERGENCE))
+def test_converges_on_quadratic(name):
+    make, steps, sched, tol = CONVERGENCE[name]
+    ex, ey = _quadratic_run(make, steps, sched, constraint=name == "LVHBA")
+    assert ex < tol and ey < tol, (ex, ey)

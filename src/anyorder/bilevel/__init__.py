@@ -5,6 +5,7 @@ schedulers, bit-exact ``state_dict`` round trip) that also updates the inner var
 given as ``inner=``, and takes the inner and outer losses as closures
 (``opt.step(inner_loss, outer_loss)``; the contract is in :mod:`anyorder.bilevel._base`).
 
+* :class:`AID` -- warm-started inner steps and CG on the adjoint system;
 * :class:`ITD` -- reverse-mode differentiation through ``T`` inner steps (truncated to ``K``);
 * :class:`Penalty` -- the fully first-order penalty method (Kwon et al., ICLR 2024; F2SA);
 * :class:`BOREP` -- normalized momentum with periodic inner updates (Hao et al., ICLR 2024);
@@ -13,9 +14,10 @@ given as ``inner=``, and takes the inner and outer losses as closures
 """
 
 from anyorder.bilevel._base import BilevelOptimizer, MixedHessian
+from anyorder.bilevel.aid import AID
 from anyorder.bilevel.borep import BOREP
 from anyorder.bilevel.itd import ITD
 from anyorder.bilevel.lvhba import LVHBA
 from anyorder.bilevel.penalty import Penalty
 
-__all__ = ["BilevelOptimizer", "MixedHessian", "ITD", "Penalty", "BOREP", "LVHBA"]
+__all__ = ["BilevelOptimizer", "MixedHessian", "AID", "ITD", "Penalty", "BOREP", "LVHBA"]

@@ -136,6 +136,25 @@ class MixedHessian:
         nx = len(self.x)
         return [o.detach() for o in out[:nx]], [o.detach() for o in out[nx:]]
 
+    def hyy(self, v: Sequence[torch.Tensor]) -> Tensors:
+        """``(d^2 G/dy^2) v`` alone (one backward pass over ``y`` only), detached."""
+        if not self._live:
+            return [torch.zeros_like(p) for p in self.y]
+        try:
+            out = torch.autograd.grad(
+                [self._gy[i] for i in self._live],
+                self.y,
+                grad_outputs=[v[i] for i in self._live],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        except (RuntimeError, NotImplementedError) as err:
+            raise RuntimeError(
+                f"{self.name}: the bilevel algorithm needs second derivatives (double backward) "
+                f"of the inner loss and could not take them: {str(err).splitlines()[0]}"
+            ) from err
+        return [o.detach() for o in grads_or_zeros(out, self.y)]
+
     def release(self) -> None:
         self._gy = []
         self._live = []
