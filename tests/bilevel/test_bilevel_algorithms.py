@@ -5,12 +5,17 @@ quadratic bilevel problem with a known solution; state_dict round trip; bad inpu
 
 from __future__ import annotations
 
+import copy
+import io
+import math
+
 import pytest
 import torch
 from torch.func import grad, jacfwd
 
 from anyorder.bilevel import AID, BOREP, ITD, LVHBA, Penalty
 from anyorder.bilevel.problems import QuadraticBilevel
+from anyorder.core import NonFiniteLossError
 
 DT = torch.float64
 NX, NY = 3, 4  # x = [x1 (2,), x2 (1,)], y = [y1 (3,), y2 (1,)]
@@ -334,3 +339,145 @@ def test_converges_on_quadratic(name):
     make, steps, sched, tol = CONVERGENCE[name]
     ex, ey = _quadratic_run(make, steps, sched, constraint=name == "LVHBA")
     assert ex < tol and ey < tol, (ex, ey)
+
+
+# -- state dict round trip ----------------------------------------------------------------------
+MAKERS = {
+    "AID": lambda g, y: AID(g, y, lr=LR1, inner_lr=0.2, inner_steps=2, cg_maxiter=3),
+    "ITD": lambda g, y: ITD(g, y, lr=LR1, inner_lr=0.2, inner_steps=3, truncate=2),
+    "Penalty": lambda g, y: Penalty(g, y, lr=LR1, inner_lr=0.2, inner_steps=2, lam=1.0,
+                                    lam_delta=0.7),
+    "BOREP": lambda g, y: BOREP(g, y, lr=LR1, inner_lr=0.2, z_lr=0.3, inner_steps=2, period=2),
+    "LVHBA": lambda g, y: LVHBA(g, y, lr=LR1, theta_lr=0.1, z_lr=0.2, gamma1=2.0, gamma2=0.5),
+}
+
+
+def _steps(opt, v, n):
+    for _ in range(n):
+        if isinstance(opt, LVHBA):
+            opt.step(v.inner, v.outer, v.con)
+        else:
+            opt.step(v.inner, v.outer)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_state_dict_round_trip_is_bit_exact(name):
+    v = Vars()
+    opt = MAKERS[name](v.groups(LR1, LR2), [v.y1, v.y2])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    _steps(opt, v, 3)
+    sched.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    x_saved, y_saved = v.flat()
+    _steps(opt, v, 3)
+    want = v.flat()
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    w = Vars(x_saved, y_saved)
+    opt2 = MAKERS[name](w.groups(LR1, LR2), [w.y1, w.y2])
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(opt2, 0.9)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(LR1 * 0.9)
+    _steps(opt2, w, 3)
+    got = w.flat()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert opt2.global_state["step"] == 6
+
+
+# -- bad input and error paths ------------------------------------------------------------------
+def test_bad_construction_arguments():
+    v = Vars()
+    with pytest.raises(ValueError, match="inner is empty"):
+        AID([v.x1], [], lr=0.1, inner_lr=0.1)
+    with pytest.raises(ValueError, match="also an outer parameter"):
+        AID([v.x1], [v.x1], lr=0.1, inner_lr=0.1)
+    with pytest.raises(ValueError, match="requires_grad"):
+        AID([v.x1], [torch.zeros(3)], lr=0.1, inner_lr=0.1)
+    with pytest.raises(TypeError, match="inner\\[0\\] must be a tensor"):
+        AID([v.x1], [3.0], lr=0.1, inner_lr=0.1)
+    with pytest.raises(ValueError, match="inner_lr"):
+        Penalty([v.x1], [v.y1], lr=0.1, inner_lr=-1.0)
+    with pytest.raises(ValueError, match="lr"):
+        ITD([v.x1], [v.y1], lr=-0.1, inner_lr=0.1)
+    with pytest.raises(ValueError, match="truncate"):
+        ITD([v.x1], [v.y1], lr=0.1, inner_lr=0.1, inner_steps=3, truncate=4)
+    with pytest.raises(TypeError, match="inner_steps must be an integer"):
+        ITD([v.x1], [v.y1], lr=0.1, inner_lr=0.1, inner_steps=2.5)
+    with pytest.raises(ValueError, match="beta"):
+        BOREP([v.x1], [v.y1], lr=0.1, inner_lr=0.1, z_lr=0.1, beta=1.0)
+    with pytest.raises(ValueError, match="lam_max"):
+        Penalty([v.x1], [v.y1], lr=0.1, inner_lr=0.1, lam=5.0, lam_max=1.0)
+    with pytest.raises(ValueError, match="gamma2"):
+        LVHBA([v.x1], [v.y1], lr=0.1, theta_lr=0.1, z_lr=0.1, gamma2=0.0)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        AID([v.x1], [v.y1], lr=0.1, inner_lr=0.1, on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_bad_closures_leave_everything_unchanged(name):
+    v = Vars()
+    opt = MAKERS[name](v.groups(LR1, LR2), [v.y1, v.y2])
+    _steps(opt, v, 2)
+    before = v.flat()
+    state = copy.deepcopy(opt.state_dict())
+
+    def same():
+        now = v.flat()
+        assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1])
+        _assert_state_equal(opt.state_dict(), state)
+
+    con = (v.con,) if name == "LVHBA" else ()
+    with pytest.raises(TypeError, match="outer_loss must be a callable"):
+        opt.step(v.inner, None, *con)
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(v.inner, lambda: v.y() * 2, *con)
+    same()
+    calls = {"n": 0}
+
+    def interrupted():
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return v.inner()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted, v.outer, *con)
+    same()
+
+    def nan_outer():
+        return v.outer() * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match="left unchanged"):
+        opt.step(v.inner, nan_outer, *con)
+    same()
+    opt.on_nonfinite = "skip"
+    skipped = opt.global_state["skipped_steps"]
+    assert opt.step(v.inner, nan_outer, *con) is None
+    assert opt.global_state["skipped_steps"] == skipped + 1
+    v_after = v.flat()
+    assert torch.equal(v_after[0], before[0]) and torch.equal(v_after[1], before[1])
+
+
+def _assert_state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_state_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_state_equal(x, y)
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_lvhba_needs_a_constraint_closure():
+    v = Vars()
+    opt = MAKERS["LVHBA"]([v.x1, v.x2], [v.y1, v.y2])
+    with pytest.raises(TypeError, match="constraint"):
+        opt.step(v.inner, v.outer)
