@@ -10,14 +10,17 @@ given as ``inner=``, and takes the inner and outer losses as closures
 * :class:`Penalty` -- the fully first-order penalty method (Kwon et al., ICLR 2024; F2SA);
 * :class:`BOREP` -- normalized momentum with periodic inner updates (Hao et al., ICLR 2024);
 * :class:`LVHBA` -- constrained lower level, proximal Lagrangian value function (Yao et al.,
-  ICLR 2024).
+  ICLR 2024);
+* :class:`BSVRB` -- many lower-level problems, sampled blocks, variance-reduced trackers of the
+  Hessian (v1) or of the linear-system residual (v2) (Hu et al., ICML 2023).
 """
 
 from anyorder.bilevel._base import BilevelOptimizer, MixedHessian
 from anyorder.bilevel.aid import AID
 from anyorder.bilevel.borep import BOREP
+from anyorder.bilevel.bsvrb import BSVRB
 from anyorder.bilevel.itd import ITD
 from anyorder.bilevel.lvhba import LVHBA
 from anyorder.bilevel.penalty import Penalty
 
-__all__ = ["BilevelOptimizer", "MixedHessian", "AID", "ITD", "Penalty", "BOREP", "LVHBA"]
+__all__ = ["BilevelOptimizer", "MixedHessian", "AID", "ITD", "Penalty", "BOREP", "LVHBA", "BSVRB"]
