@@ -120,7 +120,7 @@ _CLEAN_DIGITS = {
                 "lam_max": 100.0},
     "BOREP": {"lr": 1.0, "beta": 0.9, "inner_lr": 1.0, "inner_steps": 10, "period": 2,
               "init_steps": 20, "z_lr": 1.0},
-    "LVHBA": {"lr": 100.0, "inner_lr": 1.0, "theta_lr": 1.0, "z_lr": 0.1, "gamma1": 10.0,
+    "LVHBA": {"lr": 50.0, "inner_lr": 1.0, "theta_lr": 0.5, "z_lr": 0.1, "gamma1": 10.0,
               "gamma2": 1.0, "c": 1.0, "p": 0.3},
 }
 _CLEAN_MNIST = {
