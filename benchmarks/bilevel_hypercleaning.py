@@ -39,18 +39,21 @@ def accuracy_table(dataset: str, seeds: list[int], steps: int) -> None:
         t_run = time.perf_counter() - t0
         m = prob.metrics()
         refit = prob.refit_accuracy()
+        refit_mlp = prob.refit_accuracy(model="mlp")
+        base_mlp = prob.baselines(model="mlp")
         rows.append((seed, m["test_accuracy"], m["detection_f1"], refit, base.noisy_train,
-                     base.val_only, base.oracle, t_run, t_base))
-        print(f"{dataset} seed {seed}: acc {m['test_accuracy']:.4f} f1 {m['detection_f1']:.4f} "
-              f"refit {refit:.4f} | noisy {base.noisy_train:.4f} val {base.val_only:.4f} "
-              f"oracle {base.oracle:.4f} | {t_run:.1f} s ({t_base:.1f} s baselines)", flush=True)
-    print(f"\n| {dataset} (AID, {steps} outer steps) | inner model | detection F1 | refit on kept "
-          "+ val | noisy train | val only | oracle | bilevel wall time (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                     base.val_only, base.oracle, refit_mlp, base_mlp.val_only, base_mlp.oracle,
+                     t_run, t_base))
+        print(f"{dataset} seed {seed}: " + " ".join(f"{v:.4f}" for v in rows[-1][1:10])
+              + f" | {t_run:.1f} s ({t_base:.1f} s baselines)", flush=True)
+    print(f"\n| {dataset} (AID, {steps} outer steps) | linear inner model | detection F1 | "
+          "linear refit on kept + val | linear: noisy train | linear: val only | linear: oracle "
+          "| MLP refit on kept + val | MLP: val only | MLP: oracle | bilevel wall time (s) |")
+    print("| --- " * 11 + "|")
     for r in rows:
-        print(f"| seed {r[0]} | " + " | ".join(f"{v:.4f}" for v in r[1:7]) + f" | {r[7]:.1f} |")
-    means = [statistics.mean(r[i] for r in rows) for i in range(1, 8)]
-    print("| mean | " + " | ".join(f"{v:.4f}" for v in means[:6]) + f" | {means[6]:.1f} |\n")
+        print(f"| seed {r[0]} | " + " | ".join(f"{v:.4f}" for v in r[1:10]) + f" | {r[10]:.1f} |")
+    means = [statistics.mean(r[i] for r in rows) for i in range(1, 11)]
+    print("| mean | " + " | ".join(f"{v:.4f}" for v in means[:9]) + f" | {means[9]:.1f} |\n")
 
 
 def time_table(problem: str, rounds: int, block: int) -> None:

@@ -219,15 +219,15 @@ class HyperCleaning:
         fn = float((~pred & true).sum())
         return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
-    def refit_accuracy(self, *, max_iter: int = 500) -> float:
-        """Test accuracy of the model retrained (L-BFGS, from the initial parameters) on the
-        training examples the weights keep (``w_i >= 0``) together with the validation set:
-        what a user does with the cleaned data."""
+    def refit_accuracy(self, *, max_iter: int = 500, model: str | None = None) -> float:
+        """Test accuracy of a model (default: the problem's) trained (L-BFGS) on the training
+        examples the weights keep (``w_i >= 0``) together with the validation set: what a user
+        does with the cleaned data."""
         d = self.data
         keep = self.weights.detach() >= 0
         params = self.train(
             torch.cat([d.X_train[keep], d.X_val]), torch.cat([d.y_train[keep], d.y_val]),
-            max_iter=max_iter,
+            max_iter=max_iter, model=model,
         )
         return self.accuracy(params)
 
@@ -235,12 +235,20 @@ class HyperCleaning:
         """The inner model's test accuracy and the detection F1 (cheap; no refit)."""
         return {"test_accuracy": self.accuracy(), "detection_f1": self.detection_f1()}
 
+    def _start(self, model: str | None) -> list[torch.Tensor]:
+        if model is None or model == self.model:
+            return self._init
+        d = self.data
+        g = torch.Generator().manual_seed(self.seed)
+        return _make_model(model, d.X_train.shape[1], d.n_classes, self.hidden, g,
+                           d.X_train.dtype)
+
     def train(
-        self, X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500
+        self, X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500, model: str | None = None
     ) -> list[torch.Tensor]:
-        """The model trained on ``(X, y)`` (mean CE + ``reg ||theta||^2``) by full-batch
-        L-BFGS from the problem's initial parameters."""
-        params = [p.clone().requires_grad_() for p in self._init]
+        """A model (default: the problem's; ``"linear"`` or ``"mlp"``) trained on ``(X, y)``
+        (mean CE + ``reg ||theta||^2``) by full-batch L-BFGS from its seeded start."""
+        params = [p.clone().requires_grad_() for p in self._start(model)]
         opt = torch.optim.LBFGS(
             params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
             history_size=20, line_search_fn="strong_wolfe",
@@ -257,15 +265,16 @@ class HyperCleaning:
         opt.step(closure)
         return [p.detach() for p in params]
 
-    def baselines(self, *, max_iter: int = 500) -> CleaningBaselines:
-        """Test accuracy trained on the noisy training set, on the validation set alone, and on
-        the clean training + validation sets (the oracle)."""
+    def baselines(self, *, max_iter: int = 500, model: str | None = None) -> CleaningBaselines:
+        """Test accuracy of a model (default: the problem's) trained on the noisy training set,
+        on the validation set alone, and on the clean training + validation sets (the
+        oracle)."""
         d = self.data
-        noisy = self.train(d.X_train, d.y_train, max_iter=max_iter)
-        val = self.train(d.X_val, d.y_val, max_iter=max_iter)
+        noisy = self.train(d.X_train, d.y_train, max_iter=max_iter, model=model)
+        val = self.train(d.X_val, d.y_val, max_iter=max_iter, model=model)
         oracle = self.train(
             torch.cat([d.X_train, d.X_val]), torch.cat([d.y_train_true, d.y_val]),
-            max_iter=max_iter,
+            max_iter=max_iter, model=model,
         )
         return CleaningBaselines(self.accuracy(noisy), self.accuracy(val), self.accuracy(oracle))
 
