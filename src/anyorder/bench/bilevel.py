@@ -377,17 +377,25 @@ def _plot(problem: str, runs: list[dict[str, Any]], path: Path) -> None:
         axes[0].plot([h["iteration"] for h in pts], [h["metrics"][key] for h in pts], label=label)
         axes[1].plot([h["wall_time_s"] for h in pts], [h["metrics"][key] for h in pts], label=label)
     base = runs[0].get("baselines") or {}
-    for name, style in (("val_only", ":"), ("oracle", "--"), ("noisy_train", "-.")):
-        if name in base and key == "test_accuracy":
-            for ax in axes:
-                ax.axhline(base[name], ls=style, color="gray", lw=1)
-                ax.text(ax.get_xlim()[0], base[name], f" {name}", fontsize=7, va="bottom")
+    shown = [h["metrics"][key] for r in runs for h in r["history"]
+             if h["iteration"] > 0 and h["metrics"].get(key) is not None]
+    if key == "test_accuracy":
+        for name, style in (("val_only", ":"), ("oracle", "--"), ("noisy_train", "-.")):
+            if name in base:
+                shown.append(base[name])
+                for ax in axes:
+                    ax.axhline(base[name], ls=style, color="gray", lw=1, label=f"baseline: {name}")
+    if shown:  # the start (iteration 0) is left off the scale when it is far below the rest
+        lo, hi = min(shown), max(shown)
+        pad = 0.05 * (hi - lo) + 1e-3
+        for ax in axes:
+            ax.set_ylim(lo - pad, hi + pad)
     axes[0].set_xlabel("outer iteration")
     axes[1].set_xlabel("training wall time (s)")
     for ax in axes:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.suptitle(f"{problem}: {key} against outer iterations and wall time")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
