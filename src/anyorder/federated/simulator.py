@@ -253,7 +253,10 @@ class _Engine:
                 raise CheckpointError(
                     f"checkpoint {key} is {blob.get(key)!r}, this federation has {value!r}"
                 )
-        history = [RoundRecord(**r) for r in blob["history"]]
+        try:
+            history = [RoundRecord(**r) for r in blob["history"]]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint history is malformed: {exc}") from None
         if len(history) != blob["round"]:
             raise CheckpointError(
                 f"checkpoint history has {len(history)} rounds, expected {blob['round']}"
