@@ -2,173 +2,207 @@
 
 from __future__ import annotations
 
-import copy
+import math
 
 import pytest
 import torch
-from torch import nn
+from fed_reference import Reference, contexts
 
-from anyorder.core.rng import direction
+from anyorder.core.rng import derive_seed, direction
 from anyorder.distributed.payload import ScalarCodec
+from anyorder.federated import FedAvg, flatten, payload_bytes
+from anyorder.federated.fedavg import weighted_mean_update
 from anyorder.federated.zeroth_order import (
-    FedZOConfig,
-    ZOClientMessage,
-    observe_round,
+    FedZO,
+    ZOSteps,
     query_seed,
-    replay_zo_client,
-    run_zo_client,
+    replay_pairs,
+    zo_local_steps,
 )
 
-
-def _problem(dtype=torch.float64):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 6, generator=gen, dtype=dtype)
-    y = torch.randn(60, generator=gen, dtype=dtype)
-    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).to(dtype)
-    return x, y, model
+SEED = 3
 
 
-def _closures(model, x, y, starts, width=10):
-    def make(i):
-        def closure(backward: bool = False):
-            return ((model(x[i : i + width]).squeeze(-1) - y[i : i + width]) ** 2).mean()
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: torch's intra-op threads only add contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-        return closure
-
-    return [make(i) for i in starts]
-
-
-def _reference_client(weights, x, y, cfg, client_seed, start_step, starts, width=10):
-    """MeZO's two-point ZO-SGD written out: g = (L(w+mu z) - L(w-mu z)) / 2mu with z the
-    Rademacher direction of (seed, step, query seed, tensor index), sent as float32, and
-    w <- w - lr * mean_j g_j z_j."""
-    w = [t.clone() for t in weights]
-
-    def loss(ws, i):
-        h = torch.tanh(x[i : i + width] @ ws[0].T + ws[1])
-        return float((((h @ ws[2].T + ws[3]).squeeze(-1) - y[i : i + width]) ** 2).mean())
-
-    for k, i in enumerate(starts):
-        step = start_step + k
-        update = [torch.zeros_like(t) for t in w]
-        for j in range(cfg.queries):
-            q = query_seed(client_seed, step, j)
-            z = [direction(t.shape, cfg.seed, step, q, n, distribution="rademacher", dtype=t.dtype)
-                 for n, t in enumerate(w)]  # fmt: skip
-            plus = loss([t + cfg.mu * d for t, d in zip(w, z)], i)
-            minus = loss([t - cfg.mu * d for t, d in zip(w, z)], i)
-            g = float(torch.tensor((plus - minus) / (2 * cfg.mu), dtype=torch.float32))
-            for u, d in zip(update, z):
-                u += g / cfg.queries * d
-        w = [t - cfg.lr * u for t, u in zip(w, update)]
-    return w
+RULE = ZOSteps(lr=0.05, mu=1e-4, queries=2, seed=7)
 
 
-CFG = FedZOConfig(lr=0.05, mu=1e-4, queries=2, local_steps=3, seed=7)
+def _quadratic_losses(d=9, steps=3):
+    gen = torch.Generator().manual_seed(1)
+    mats = [torch.randn(d, d, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    return [lambda w, a=a: 0.5 * (a @ w).pow(2).sum() + w.sum() for a in mats]
 
 
-def test_client_steps_equal_the_papers_rule_written_out():
-    x, y, model = _problem()
-    weights = [p.detach().clone() for p in model.parameters()]
-    starts = [0, 10, 20]
-    msg = run_zo_client(
-        model, _closures(model, x, y, starts), CFG, ScalarCodec(), client=0, client_seed=3,
-        start_step=6,
-    )  # fmt: skip
-    ref = _reference_client(weights, x, y, CFG, 3, 6, starts)
-    for p, r in zip(model.parameters(), ref):
-        torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-12)
-    assert all(len(set(q)) == CFG.queries for q in msg.queries)  # fresh direction per query
-    assert msg.nbytes == CFG.local_steps * CFG.queries * 8  # 4-byte seed + float32 per query
+def test_local_steps_equal_mezo_written_out():
+    """g = (L(w + mu z) - L(w - mu z)) / 2 mu with z the Rademacher direction of
+    (seed, step, query seed), sent as float32, and w <- w - lr * mean_j g_j z_j."""
+    losses = _quadratic_losses()
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    got, pairs, _, dropped = zo_local_steps(x, losses, RULE, ScalarCodec(), client_seed=5,
+                                            start_step=6)  # fmt: skip
+    w = x.clone()
+    for k, loss in enumerate(losses):
+        step, update = 6 + k, torch.zeros_like(w)
+        for j in range(RULE.queries):
+            z = direction((9,), 7, step, query_seed(5, step, j), 0, distribution="rademacher",
+                          dtype=torch.float64)  # fmt: skip
+            g = (float(loss(w + 1e-4 * z)) - float(loss(w - 1e-4 * z))) / 2e-4
+            update += float(torch.tensor(g, dtype=torch.float32)) / RULE.queries * z
+        w = w - 0.05 * update
+    torch.testing.assert_close(got, w, rtol=0, atol=1e-12)
+    assert not torch.equal(got, x) and dropped == 0
+    assert pairs.numel() == 3 * 2 * 8  # a 4-byte seed and a float32 per query
+    assert torch.equal(replay_pairs(x, pairs, RULE, ScalarCodec(), 6), got)
 
 
-@pytest.mark.parametrize("bits", [None, 8])
-def test_round_of_seeds_and_scalars_equals_fedavg_of_the_clients_weights_bit_for_bit(bits):
-    x, y, model = _problem(torch.float32)
-    cfg = FedZOConfig(lr=0.05, mu=1e-3, queries=2, local_steps=3, seed=7, quantize_bits=bits)
-    codec = ScalarCodec(bits=bits)
-    sizes = [10.0, 25.0, 25.0]
-    for rnd in range(2):  # the second round quantises with the scale the first one set
-        clients, messages = [], []
-        for c in range(3):
-            local = copy.deepcopy(model)
-            starts = [(7 * c + 3 * k + rnd) % 50 for k in range(cfg.local_steps)]
-            msg = run_zo_client(local, _closures(local, x, y, starts), cfg, codec, client=c,
-                                client_seed=100 + c, start_step=rnd * cfg.local_steps)  # fmt: skip
-            clients.append(local)
-            messages.append(msg)
-        # what crossed the wire: bytes only; the receiver decodes and replays
-        replayed = []
-        for msg in messages:
-            received = ZOClientMessage.received(
-                codec, msg.payload.clone(), cfg, client=msg.client, start_step=msg.start_step
-            )
-            scratch = copy.deepcopy(model)
-            replay_zo_client(scratch, received, cfg)
-            replayed.append(scratch)
-        for a, b in zip(clients, replayed):
-            for pa, pb in zip(a.parameters(), b.parameters()):
-                assert torch.equal(pa, pb)
-        total = sum(sizes)
-        with torch.no_grad():
-            for ps in zip(model.parameters(), *[m.parameters() for m in replayed]):
-                ps[0].copy_(sum(s / total * p for s, p in zip(sizes, ps[1:])))
-        expected = cfg.local_steps * cfg.queries * (5 if bits and rnd else 8)
-        assert all(m.nbytes == expected for m in messages)
-        observe_round(codec, messages)
+def _run(alg, data, model, rounds, drop=()):
+    x0 = flatten(list(model.parameters()))
+    server = alg.init_server(x0, len(data))
+    clients = [alg.init_client(x0, i) for i in range(len(data))]
+    up_bytes, down_bytes = [], []
+    for t in range(rounds):
+        down = alg.downlink(server)
+        down_bytes.append(payload_bytes(down))
+        ups = []
+        for ctx in contexts(data, model, SEED, t):
+            if (t, ctx.client_id) in drop:
+                continue
+            up, clients[ctx.client_id] = alg.client_update(down, clients[ctx.client_id], ctx)
+            up_bytes.append(payload_bytes(up))
+            ups.append((ctx.client_id, up))
+        server = alg.aggregate(server, ups, len(data))
+    return server, clients, up_bytes, down_bytes
 
 
-def test_a_dropped_query_is_skipped_by_client_and_replay_alike():
-    x, y, model = _problem()
+def _weights_sending_reference(alg, data, model, rounds):
+    """FedAvg whose clients run the same ZO-SGD steps and upload their weights (the deltas)."""
+    ref = Reference(model)
+    x = flatten(list(model.parameters()))
+    scale = math.nan
+    for t in range(rounds):
+        codec = ScalarCodec(bits=alg.quantize_bits)
+        codec.mean_abs = None if math.isnan(scale) else scale
+        ups, values = [], []
+        for i, d in enumerate(data):
+            losses = [lambda w, xb=xb, yb=yb: ref.loss(w, xb, yb)
+                      for xb, yb in ref.batches(d, SEED, t, i, alg.local_steps, alg.batch_size)]  # fmt: skip
+            x_i, pairs, _, _ = zo_local_steps(x, losses, alg.rule, codec,
+                                              client_seed=derive_seed(alg.seed, i),
+                                              start_step=t * alg.local_steps)  # fmt: skip
+            ups.append((i, {"delta": x_i - x, "num_examples": torch.tensor(len(d))}))
+            values += [g for _, g in _pairs(codec, pairs)]
+        x = x + alg.server_lr * weighted_mean_update(ups, alg.weighting)
+        codec.observe(values)
+        scale = codec.mean_abs
+    return x
+
+
+def _pairs(codec, pairs):
+    from anyorder.distributed.payload import decode, payload_size
+
+    q, g = decode(codec, pairs.reshape(-1, payload_size(codec)))
+    return list(zip(q, g))
+
+
+@pytest.mark.parametrize("sync,bits", [("pairs", None), ("pairs", 8), ("model", None)])
+def test_rounds_of_seeds_and_scalars_equal_fedavg_over_the_zo_clients_weights_bit_for_bit(
+    problem, sync, bits
+):
+    data, model = problem
+    alg = FedZO(local_steps=3, batch_size=5, lr=0.05, mu=1e-3, queries=2, seed=11, sync=sync,
+                quantize_bits=bits)  # fmt: skip
+    server, clients, up_bytes, down_bytes = _run(alg, data, model, rounds=3)
+    want = _weights_sending_reference(alg, data, model, rounds=3)
+    assert torch.equal(alg.global_model(server), want)
+    if sync == "pairs":  # every client rebuilt the global model it last started from
+        before_last = server["model"] - server["model"]  # shape only
+        for c in clients:
+            assert int(c["round"]) == 2 and c["model"].shape == before_last.shape
+        # one more downlink: every client folds round 2's pairs into exactly the server's model
+        down = alg.downlink(server)
+        for ctx, c in zip(contexts(data, model, SEED, 3), clients):
+            _, state = alg.client_update(down, c, ctx)
+            assert torch.equal(state["model"], server["model"])
+    # bytes: K * Q queries of (4-byte seed + 4-byte float, or 1 byte once the scale exists)
+    per_query = [8] * 4 + [5] * 8 if bits else [8] * 12
+    assert up_bytes == [3 * 2 * q + 8 for q in per_query]
+    d = alg.global_model(server).numel()
+    if sync == "pairs":
+        assert down_bytes == [8, 8 + sum(up_bytes[:4]), 8 + sum(up_bytes[4:8])]
+    else:
+        assert down_bytes == [8 * d + 8] * 3  # float64 model + round
+    fedavg = FedAvg(local_steps=3, batch_size=5)
+    assert payload_bytes(fedavg.downlink({"model": server["model"]})) == 8 * d
+
+
+def test_zo_rounds_descend(problem):
+    data, model = problem
+    alg = FedZO(local_steps=5, batch_size=8, lr=0.1, mu=1e-3, queries=4, seed=0)
+    ref = Reference(model)
+    full_x = torch.cat([d.inputs for d in data])
+    full_y = torch.cat([d.targets for d in data])
+    x0 = flatten(list(model.parameters()))
+    server, *_ = _run(alg, data, model, rounds=8)
+    assert float(ref.loss(server["model"], full_x, full_y)) < 0.9 * float(ref.loss(x0, full_x, full_y))
+
+
+def test_dropped_queries_are_skipped_by_client_and_replay_alike():
+    losses = _quadratic_losses()
     calls = {"n": 0}
-    inner = _closures(model, x, y, [0, 10, 20])
 
-    def poisoned(c):
-        def closure(backward: bool = False):
+    def poisoned(loss):
+        def at(w):
             calls["n"] += 1
-            return torch.tensor(float("nan")) if calls["n"] in (1, 5, 6, 7, 8) else c()
+            return torch.tensor(float("nan")) if calls["n"] in (1, 5, 6, 7, 8) else loss(w)
 
-        return closure
+        return at
 
-    start = copy.deepcopy(model)
-    msg = run_zo_client(model, [poisoned(c) for c in inner], CFG, ScalarCodec(), client=0,
-                        client_seed=1, start_step=0)  # fmt: skip
-    assert torch.isnan(torch.tensor(msg.values[0][0])) and torch.isfinite(torch.tensor(msg.values[0][1]))
-    assert all(torch.isnan(torch.tensor(v)) for v in msg.values[1])  # a whole step dropped
-    replay_zo_client(start, ZOClientMessage.received(ScalarCodec(), msg.payload, CFG, client=0,
-                                                     start_step=0), CFG)  # fmt: skip
-    for a, b in zip(model.parameters(), start.parameters()):
-        assert torch.equal(a, b) and torch.isfinite(a).all()
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    got, pairs, _, dropped = zo_local_steps(x, [poisoned(f) for f in losses], RULE, ScalarCodec(),
+                                            client_seed=1, start_step=0)  # fmt: skip
+    values = [g for _, g in _pairs(ScalarCodec(), pairs)]
+    assert math.isnan(values[0]) and math.isfinite(values[1])
+    assert all(math.isnan(v) for v in values[2:4]) and dropped == 1  # a whole step dropped
+    assert torch.isfinite(got).all()
+    assert torch.equal(replay_pairs(x, pairs, RULE, ScalarCodec(), 0), got)
 
 
-def test_an_interrupted_query_leaves_the_weights_of_the_last_finished_step():
-    x, y, model = _problem()
-    one = FedZOConfig(lr=0.05, mu=1e-4, local_steps=1, seed=7)
-    ref = copy.deepcopy(model)
-    msg = run_zo_client(ref, _closures(ref, x, y, [0]), one, ScalarCodec(), client=0,
-                        client_seed=1, start_step=0)  # fmt: skip
-    (first,) = _closures(model, x, y, [0])
+def test_an_interrupted_query_leaves_the_input_alone():
+    losses = _quadratic_losses()
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    before = x.clone()
 
-    def interrupted(backward: bool = False):
+    def interrupted(w):
         raise KeyboardInterrupt
 
-    two = FedZOConfig(lr=0.05, mu=1e-4, local_steps=2, seed=7)
     with pytest.raises(KeyboardInterrupt):
-        run_zo_client(model, [first, interrupted], two, ScalarCodec(), client=0, client_seed=1,
-                      start_step=0)  # fmt: skip
-    # the first step was applied; the interrupted probe's perturbation was undone exactly
-    assert msg.nbytes == 8
-    for p, r in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(p, r)
+        zo_local_steps(x, [losses[0], interrupted], RULE, ScalarCodec(), client_seed=1,
+                       start_step=0)  # fmt: skip
+    assert torch.equal(x, before)
 
 
-def test_bad_configuration_is_refused():
-    with pytest.raises(ValueError, match="local_steps"):
-        FedZOConfig(local_steps=0)
-    with pytest.raises(ValueError, match="quantize_bits"):
-        FedZOConfig(quantize_bits=4)
-    with pytest.raises(ValueError, match="mu"):
-        FedZOConfig(mu=-1.0)
-    with pytest.raises(ValueError, match="bytes"):
-        ZOClientMessage.received(ScalarCodec(), torch.zeros(7, dtype=torch.uint8), CFG, client=0,
-                                 start_step=0)  # fmt: skip
+def test_a_client_that_missed_a_round_cannot_sync_from_pairs(problem):
+    data, model = problem
+    alg = FedZO(local_steps=2, batch_size=5, lr=0.05, seed=1)
+    with pytest.raises(ValueError, match="sync='model'"):
+        _run(alg, data, model, rounds=3, drop={(1, 2)})
+    partial = FedZO(local_steps=2, batch_size=5, lr=0.05, seed=1, sync="model")
+    server, *_ = _run(partial, data, model, rounds=3, drop={(1, 2)})
+    assert int(server["round"]) == 3 and torch.isfinite(server["model"]).all()
+
+
+def test_bad_hyperparameters_are_refused():
+    for kwargs, word in [({"local_steps": 0}, "local_steps"), ({"quantize_bits": 4}, "quantize_bits"),
+                         ({"mu": -1.0}, "mu"), ({"sync": "gossip"}, "sync"),
+                         ({"momentum": 1.0}, "momentum"), ({"seed": -1}, "seed")]:  # fmt: skip
+        with pytest.raises(ValueError, match=word):
+            FedZO(**kwargs)
+    with pytest.raises(ValueError, match="uint8"):
+        replay_pairs(torch.zeros(3), torch.zeros(7, dtype=torch.uint8), RULE, ScalarCodec(), 0)
