@@ -86,7 +86,11 @@ class DistributedSimulator(Simulator):
     """A :class:`~anyorder.federated.simulator.Simulator` whose clients live on the ranks of an
     initialised process group (module docstring). Every rank builds it with the same arguments
     (the whole partition: a rank only reads its own clients' data) and calls :meth:`step` /
-    :meth:`run` together; records, evaluation and the global model are the root's."""
+    :meth:`run` together. Records, evaluation and the global model are the root's; another
+    rank's records hold the round's draw and its own clients' bytes and time only.
+
+    The server's control message after aggregating (which uploads it accepted) crosses too and
+    is counted in ``extra["wire_sent_by_server"]``."""
 
     def __init__(
         self,
@@ -158,8 +162,19 @@ class DistributedSimulator(Simulator):
             record = self._pending
             record.extra["wire_sent_by_server"] = float(tr.stats["sent"] - sent0)
             record.extra["wire_received_by_server"] = float(tr.stats["received"] - recv0)
-        else:
-            record = RoundRecord(**status["record"])
+        else:  # what this rank knows: the round's draw and its own clients
+            accepted = set(status["accepted"])
+            record = RoundRecord(
+                round=self.round,
+                participants=participants,
+                dropped=dropped,
+                rejected=[i for i in ids if i not in accepted],
+                bytes_up={str(i): payload_bytes(up) for i, up in zip(ids, ups)},
+                bytes_down={str(i): down_bytes for i in participants if self.owner(i) == self.rank},
+                client_time_s=sum(times),
+                wall_time_s=time.perf_counter() - start,
+                train_loss=math.nan,
+            )
         self.history.append(record)
         self.round += 1
         return record
@@ -204,7 +219,7 @@ class DistributedSimulator(Simulator):
         )
         record.metrics = self._metrics(x, last)
         self._pending = record
-        return {"ok": True, "accepted": [i for i, _ in ups], "record": _plain(record)}
+        return {"ok": True, "accepted": [i for i, _ in ups]}
 
     # -- checkpoints: the root gathers every client's state ------------------------------------
     def _payload(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Moving federated messages between processes over ``torch.distributed``, counting every byte.
 
 A message is a tree (dicts, lists, tuples) of tensors and Python numbers. On the wire it is a
-*body* (every tensor's bytes, then every number as 8 bytes, in tree order) and a *header* (the
-tree's structure, dtypes and shapes, pickled), sent as one uint8 buffer preceded by its 8-byte
+*body* (every tensor's bytes and every number as 8 bytes, depth first) and a *header* (the
+tree's structure, dtypes and shapes, as compact JSON), sent as one uint8 buffer preceded by its 8-byte
 length. :class:`Transport` sends such buffers point to point (``send``/``recv``, so the byte
 counts are exact: nothing is padded), broadcasts them from a root, and all-reduces tensors; it
 counts the bytes this process sends and receives (``stats``). gloo works on CPU tensors; with the
@@ -11,14 +11,14 @@ NCCL backend the buffers are moved to this rank's GPU for the collective and bac
 
 from __future__ import annotations
 
-import pickle
+import json
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["pack", "unpack", "Transport"]
 
@@ -27,57 +27,69 @@ _NUMBER = struct.Struct("<d")
 _INT = struct.Struct("<q")
 
 
+def _describe(node: Any, body: list[torch.Tensor]) -> Any:
+    """The JSON structure of ``node``; appends its leaves' bytes to ``body`` depth first."""
+    if isinstance(node, torch.Tensor):
+        t = node.detach().to("cpu").contiguous()
+        body.append(t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8))
+        return ["t", str(t.dtype).removeprefix("torch."), list(t.shape)]
+    if isinstance(node, bool) or node is None or isinstance(node, str):
+        return ["o", node]  # small flags travel in the header
+    if isinstance(node, int):
+        body.append(torch.frombuffer(bytearray(_INT.pack(node)), dtype=torch.uint8))
+        return ["i"]
+    if isinstance(node, float):
+        body.append(torch.frombuffer(bytearray(_NUMBER.pack(node)), dtype=torch.uint8))
+        return ["f"]
+    if isinstance(node, dict):
+        for key in node:
+            if not isinstance(key, str):
+                raise TypeError(f"message dict keys must be strings, got {key!r}")
+        return ["d", [[k, _describe(v, body)] for k, v in node.items()]]
+    if isinstance(node, (list, tuple)):
+        return ["l" if isinstance(node, list) else "u", [_describe(v, body) for v in node]]
+    raise TypeError(
+        "a federated message holds tensors, numbers, strings, None, dicts, lists and tuples, "
+        f"got {type(node).__name__}"
+    )
+
+
 def pack(tree: Any) -> tuple[torch.Tensor, int]:
-    """``tree`` as one uint8 tensor (header length, header, body) and the body's size in bytes."""
-    leaves, spec = tree_flatten(tree)
-    meta, body = [], []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            t = leaf.detach().to("cpu").contiguous()
-            meta.append(("t", str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-            body.append(t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0).view(torch.uint8))
-        elif isinstance(leaf, bool) or leaf is None or isinstance(leaf, str):
-            meta.append(("o", leaf))  # small flags travel in the header
-        elif isinstance(leaf, int):
-            meta.append(("i",))
-            body.append(torch.frombuffer(bytearray(_INT.pack(leaf)), dtype=torch.uint8))
-        elif isinstance(leaf, float):
-            meta.append(("f",))
-            body.append(torch.frombuffer(bytearray(_NUMBER.pack(leaf)), dtype=torch.uint8))
-        else:
-            raise TypeError(
-                f"a federated message holds tensors, numbers, strings and None, got {type(leaf).__name__}"
-            )
-    header = pickle.dumps((spec, meta), protocol=pickle.HIGHEST_PROTOCOL)
+    """``tree`` as one uint8 tensor (header length, JSON header, body) and the body's size."""
+    body: list[torch.Tensor] = []
+    header = json.dumps(_describe(tree, body), separators=(",", ":")).encode()
     head = torch.frombuffer(bytearray(_LEN.pack(len(header)) + header), dtype=torch.uint8)
     data = torch.cat([head, *body]) if body else head
     return data, int(data.numel() - head.numel())
+
+
+def _build(desc: Any, raw: torch.Tensor, offset: list[int]) -> Any:
+    kind = desc[0]
+    if kind == "t":
+        dtype = getattr(torch, desc[1])
+        count = math.prod(desc[2])
+        size = count * torch.empty(0, dtype=dtype).element_size()
+        start = offset[0]
+        offset[0] += size
+        return raw[start : start + size].clone().view(dtype).reshape(desc[2])
+    if kind == "o":
+        return desc[1]
+    if kind in ("i", "f"):
+        chunk = bytes(raw[offset[0] : offset[0] + 8].tolist())
+        offset[0] += 8
+        return _INT.unpack(chunk)[0] if kind == "i" else _NUMBER.unpack(chunk)[0]
+    if kind == "d":
+        return {k: _build(v, raw, offset) for k, v in desc[1]}
+    items = [_build(v, raw, offset) for v in desc[1]]
+    return items if kind == "l" else tuple(items)
 
 
 def unpack(data: torch.Tensor) -> Any:
     """Inverse of :func:`pack` (tensors come back on the CPU, as fresh memory)."""
     raw = data.cpu()
     (n,) = _LEN.unpack(bytes(raw[: _LEN.size].tolist()))
-    spec, meta = pickle.loads(bytes(raw[_LEN.size : _LEN.size + n].numpy().tobytes()))  # noqa: S301 - our own header
-    offset = _LEN.size + n
-    leaves = []
-    for item in meta:
-        if item[0] == "t":
-            dtype = getattr(torch, item[1])
-            shape = item[2]
-            count = 1
-            for s in shape:
-                count *= s
-            size = count * torch.empty(0, dtype=dtype).element_size()
-            leaves.append(raw[offset : offset + size].clone().view(dtype).reshape(shape))
-            offset += size
-        elif item[0] == "o":
-            leaves.append(item[1])
-        else:
-            chunk = bytes(raw[offset : offset + 8].tolist())
-            leaves.append(_INT.unpack(chunk)[0] if item[0] == "i" else _NUMBER.unpack(chunk)[0])
-            offset += 8
-    return tree_unflatten(leaves, spec)
+    desc = json.loads(raw[_LEN.size : _LEN.size + n].numpy().tobytes().decode())
+    return _build(desc, raw, [_LEN.size + n])
 
 
 class Transport:
