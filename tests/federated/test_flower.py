@@ -110,3 +110,139 @@ def test_optimizer_client_app_runs_an_anyorder_optimizer_under_flowers_fedavg():
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-12)
         assert not torch.equal(v, model.state_dict()[k])  # the model moved
+
+
+# -- Flower's deployment engine: a SuperLink, two SuperNodes and `flwr run`, started and stopped
+# by this test (by PID, with every process they spawned).
+
+APP = __import__("pathlib").Path(__file__).parent / "flower_app"
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _descendants(pid):
+    import os
+
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                kids.append(int(entry))
+    return [k for kid in kids for k in (kid, *_descendants(kid))]
+
+
+def _wait_for_port(port, process, timeout=120):
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "the SuperLink exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _stop(pids):
+    import os
+    import signal
+    import time
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 20
+    alive = list(pids)
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and
+                 open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]  # fmt: skip
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_fedspeed_on_flowers_deployment_engine_equals_the_simulator(tmp_path):
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    bin_dir = os.path.dirname(sys.executable)
+    if not shutil.which("flower-superlink", path=bin_dir):
+        pytest.skip("Flower's deployment binaries are not installed")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link, node0, node1 = _free_ports(3)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    src = str(__import__("pathlib").Path(__file__).parents[2] / "src")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+    app = tmp_path / "app"
+    shutil.copytree(APP, app)
+    out = tmp_path / "result.pt"
+    logs = [open(tmp_path / f"{name}.log", "w") for name in ("superlink", "node0", "node1")]  # noqa: SIM115
+    started = []
+    try:
+        started.append(subprocess.Popen(
+            [f"{bin_dir}/flower-superlink", "--insecure", "--port", str(link)],
+            env=env, stdout=logs[0], stderr=subprocess.STDOUT))  # fmt: skip
+        _wait_for_port(link, started[0])
+        for i, port in enumerate((node0, node1)):
+            started.append(subprocess.Popen(
+                [f"{bin_dir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                 "--port", str(port), "--node-config", f"partition-id={i}"],
+                env=env, stdout=logs[1 + i], stderr=subprocess.STDOUT))  # fmt: skip
+        run = subprocess.run(
+            [f"{bin_dir}/flwr", "run", str(app), "local", "--stream",
+             "--run-config", f"out='{out}'"],
+            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        deadline = time.time() + 60
+        while not out.exists() and time.time() < deadline:
+            time.sleep(1)
+    finally:
+        everything = [pid for p in started for pid in (p.pid, *_descendants(p.pid))]
+        _stop(everything)
+        for p in started:
+            p.wait(timeout=30)
+        for fh in logs:
+            fh.close()
+    spec = importlib.util.spec_from_file_location("fedapp_reference", APP / "fedapp.py")
+    fedapp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fedapp)
+    sim = Simulator(fedapp.ALG, fedapp.MODEL, nn.functional.cross_entropy, fedapp.DATA,
+                    seed=fedapp.SEED)  # fmt: skip
+    sim.run(2)
+    got = torch.load(out, weights_only=True)
+    assert torch.equal(got["model"], sim.global_model())
+    assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0, 1]]
