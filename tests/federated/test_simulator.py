@@ -125,3 +125,21 @@ def test_evaluate_and_bad_arguments():
         sim(FedAvg(), data, model, dropout=1.0)
     with pytest.raises(TypeError, match="ServerAlgorithm"):
         Simulator(object(), model, LOSS, data)
+
+
+@dataclass
+class InterruptTwo(FedAvg):
+    def client_update(self, down, client, ctx):
+        if ctx.client_id == 2:
+            raise KeyboardInterrupt
+        return super().client_update(down, client, ctx)
+
+
+def test_interrupt_inside_a_round_leaves_the_federation_as_it_was(tmp_path):
+    data, model = make_problem()
+    s = sim(InterruptTwo(local_steps=2, batch_size=4), data, model)
+    before = s.global_model().clone()
+    with pytest.raises(KeyboardInterrupt):
+        s.run(2, checkpoint=tmp_path / "c.pt")
+    assert s.round == 0 and s.history == [] and torch.equal(s.global_model(), before)
+    assert not (tmp_path / "c.pt").exists()

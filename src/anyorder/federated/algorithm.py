@@ -29,7 +29,10 @@ An engine picks the participating clients, runs ``client_update`` wherever clien
 them: the algorithm's own rule for partial participation decides what that means) and calls
 ``aggregate`` once with the arrivals in increasing client id (so that the float sums are the same
 on every engine). Client states persist across rounds where the client lives; a client that never
-took part has ``alg.init_client(x0, i)``.
+took part has ``alg.init_client(x0, i)``; an engine that discards an upload (a client that drops
+after computing, or whose payload is not finite: :func:`check_finite_payload`) keeps that
+client's previous state, so that client and server states stay consistent.
+Participants and dropouts come from :func:`sample_participants`, so every engine picks the same.
 
 Decentralized algorithms (:class:`GossipAlgorithm`) have no server: every node keeps a state,
 per round::
@@ -40,7 +43,7 @@ per round::
         node_i = alg.mix(node_i, [(w_ij, msg_j) for j with w_ij != 0, including j == i])
 
 with ``w_ij`` a row of the doubly stochastic mixing matrix (:mod:`anyorder.federated.topology`),
-given in increasing ``j``.
+given in increasing ``j`` (:func:`anyorder.federated.topology.neighbours`).
 
 Randomness: every draw a client makes comes from ``ctx.generator``, which the engine builds with
 :func:`client_generator` from (run seed, round, client id): any engine on any process gives the
@@ -72,6 +75,7 @@ __all__ = [
     "ServerAlgorithm",
     "GossipAlgorithm",
     "check_finite_payload",
+    "sample_participants",
 ]
 
 Payload = dict[str, torch.Tensor]
@@ -132,6 +136,23 @@ def client_generator(seed: int, round_index: int, client_id: int) -> torch.Gener
     gen = torch.Generator()
     gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return gen
+
+
+def sample_participants(
+    seed: int, round_index: int, num_clients: int, participation: float, dropout: float
+) -> tuple[list[int], list[int]]:
+    """Round ``round_index``'s (participants, dropped), both sorted, from the server's generator
+    ``client_generator(seed, round_index, -1)``: ``max(1, round(participation * m))`` clients
+    uniformly without replacement (all of them when that is m), then each independently drops
+    out with probability ``dropout``. Every engine calls this, so all pick the same clients."""
+    gen = client_generator(seed, round_index, -1)
+    k = max(1, round(participation * num_clients))
+    if k < num_clients:
+        chosen = sorted(int(i) for i in torch.randperm(num_clients, generator=gen)[:k])
+    else:
+        chosen = list(range(num_clients))
+    drops = torch.rand(len(chosen), generator=gen, dtype=torch.float64) < dropout
+    return chosen, [i for i, d in zip(chosen, drops.tolist()) if d]
 
 
 @dataclass

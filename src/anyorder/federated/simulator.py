@@ -44,6 +44,7 @@ from anyorder.federated.algorithm import (
     client_generator,
     flatten,
     payload_bytes,
+    sample_participants,
 )
 
 __all__ = [
@@ -252,7 +253,10 @@ class _Engine:
                 raise CheckpointError(
                     f"checkpoint {key} is {blob.get(key)!r}, this federation has {value!r}"
                 )
-        history = [RoundRecord(**r) for r in blob["history"]]
+        try:
+            history = [RoundRecord(**r) for r in blob["history"]]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint history is malformed: {exc}") from None
         if len(history) != blob["round"]:
             raise CheckpointError(
                 f"checkpoint history has {len(history)} rounds, expected {blob['round']}"
@@ -342,14 +346,9 @@ class Simulator(_Engine):
 
     def select(self) -> tuple[list[int], list[int]]:
         """This round's (participants, dropped): drawn from the server's generator."""
-        gen = client_generator(self.seed, self.round, -1)
-        m = self.num_clients
-        k = max(1, round(self.participation * m))
-        chosen = torch.randperm(m, generator=gen)[:k] if k < m else torch.arange(m)
-        chosen = sorted(int(i) for i in chosen)
-        drops = torch.rand(len(chosen), generator=gen, dtype=torch.float64) < self.dropout
-        dropped = [i for i, d in zip(chosen, drops.tolist()) if d]
-        return chosen, dropped
+        return sample_participants(
+            self.seed, self.round, self.num_clients, self.participation, self.dropout
+        )
 
     def step(self, last: bool = False) -> RoundRecord:
         """One round."""
@@ -455,13 +454,10 @@ class GossipSimulator(_Engine):
         super().__init__(
             algorithm, model, loss_fn, clients, seed=seed, evaluate=evaluate, eval_every=eval_every
         )
-        from anyorder.federated.topology import check_mixing
+        from anyorder.federated.topology import check_mixing, neighbours
 
         self.mixing = check_mixing(mixing, self.num_clients)
-        self.neighbours = [
-            [(j, float(self.mixing[i, j])) for j in range(self.num_clients) if self.mixing[i, j] != 0]
-            for i in range(self.num_clients)
-        ]
+        self.neighbours = neighbours(self.mixing)
         self.nodes: list[State] = [algorithm.init_node(self.x0, i) for i in range(self.num_clients)]
 
     def _identity(self) -> dict[str, Any]:

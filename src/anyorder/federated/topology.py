@@ -23,6 +23,7 @@ __all__ = [
     "spectral_gap",
     "check_mixing",
     "mixing_matrix",
+    "neighbours",
     "TOPOLOGIES",
 ]
 
@@ -152,3 +153,12 @@ def mixing_matrix(
     else:
         raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
     return metropolis(a)
+
+
+def neighbours(mixing: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """Row i of ``mixing`` as [(j, w_ij)] for every j with w_ij != 0 (i itself included), in
+    increasing j: what :meth:`GossipAlgorithm.mix` receives at node i."""
+    w = torch.as_tensor(mixing, dtype=torch.float64)
+    return [
+        [(j, float(w[i, j])) for j in range(w.shape[1]) if w[i, j] != 0] for i in range(w.shape[0])
+    ]
