@@ -470,7 +470,7 @@ def _result(engine: Any, wall: float) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, spec: FederationSpec, rounds: int, out: str, init: str,
-            backend: str, timeout_s: float, threads: int) -> None:  # fmt: skip
+            backend: str, timeout_s: float, threads: int, checkpoint: str | None) -> None:  # fmt: skip
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -478,8 +478,10 @@ def _worker(rank: int, world: int, spec: FederationSpec, rounds: int, out: str, 
                             timeout=timedelta(seconds=timeout_s))  # fmt: skip
     try:
         engine = spec.engine()
+        if checkpoint is not None and Path(checkpoint).exists():
+            engine.load(checkpoint)  # every rank reads it; each keeps its own clients' states
         t0 = time.perf_counter()
-        engine.run(rounds)
+        engine.run(rounds, checkpoint=checkpoint)
         wall = time.perf_counter() - t0
         if engine.is_root:
             blob = _result(engine, wall)
@@ -501,11 +503,14 @@ def launch(
     backend: str = "gloo",
     timeout_s: float = 60.0,
     threads: int = 1,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``spec`` for ``rounds`` rounds on ``world`` local processes and return the root's
-    result: the final model (``node_models`` too for gossip), the round records (dicts), the
-    root's transport counters and the wall time of the rounds. Raises ``RuntimeError`` with the
-    failing ranks' tracebacks when a rank fails."""
+    """Run ``spec`` until ``rounds`` rounds are done on ``world`` local processes and return the
+    root's result: the final model (``node_models`` too for gossip), the round records (dicts),
+    the root's transport counters and the wall time of the rounds. ``checkpoint``: a file the
+    federation is saved to after every round and, when it exists, resumed from (the world size
+    may differ from the run that wrote it). Raises ``RuntimeError`` with the failing ranks'
+    tracebacks when a rank fails."""
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world must be a positive integer, got {world!r}")
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
@@ -517,8 +522,9 @@ def launch(
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.pt").unlink(missing_ok=True)
         init = os.path.join(tmp, "store")
+        ckpt = None if checkpoint is None else str(checkpoint)
         ctx = mp.start_processes(_worker, args=(world, spec, rounds, str(out), init, backend,
-                                                timeout_s, threads),
+                                                timeout_s, threads, ckpt),
                                  nprocs=world, join=False, start_method="spawn")  # fmt: skip
         for p in ctx.processes:
             p.join()
