@@ -319,8 +319,8 @@ class DistributedGossipSimulator(GossipSimulator):
                     messages[int(j)] = msg
             nodes = {i: alg.mix(nodes[i], [(w, messages[j]) for j, w in self.neighbours[i]])
                      for i in self.mine}  # fmt: skip
-        bad = torch.tensor([int(not all(bool(torch.isfinite(alg.node_model(n)).all())
-                                        for n in nodes.values()))])  # fmt: skip
+        finite = all(bool(torch.isfinite(alg.node_model(n)).all()) for n in nodes.values())
+        bad = torch.tensor([int(not finite)], device=tr.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=tr.group)
         if int(bad):
             raise FloatingPointError(

@@ -4,8 +4,8 @@ A message is a tree (dicts, lists, tuples) of tensors and Python numbers. On the
 *body* (every tensor's bytes and every number as 8 bytes, depth first) and a *header* (the
 tree's structure, dtypes and shapes, as compact JSON), sent as one uint8 buffer preceded by its 8-byte
 length. :class:`Transport` sends such buffers point to point (``send``/``recv``, so the byte
-counts are exact: nothing is padded), broadcasts them from a root, and all-reduces tensors; it
-counts the bytes this process sends and receives (``stats``). gloo works on CPU tensors; with the
+counts are exact: nothing is padded) and broadcasts them from a root; it counts the bytes this
+process sends and receives (``stats``). gloo works on CPU tensors; with the
 NCCL backend the buffers are moved to this rank's GPU for the collective and back.
 """
 
@@ -197,26 +197,3 @@ class Transport:
             return tree
         self.stats["received"] += 8 + buf.numel()
         return unpack(buf)
-
-    def all_reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Elementwise sums over ranks of ``tensors`` (one flat buffer per dtype). Counted as the
-        ring algorithm's ``2 (N - 1) / N`` of the buffer sent and received per rank."""
-        out = [t.detach().clone() for t in tensors]
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(out):
-            by_dtype.setdefault(t.dtype, []).append(i)
-        for idx in by_dtype.values():
-            flat = torch.cat([out[i].reshape(-1) for i in idx]).to(self.device)
-            dist.all_reduce(flat, group=self.group)
-            flat = flat.cpu()
-            nbytes = flat.numel() * flat.element_size()
-            moved = int(round(2 * (self.world - 1) / self.world * nbytes))
-            self.stats["sent"] += moved
-            self.stats["received"] += moved
-            self.stats["body_sent"] += moved
-            offset = 0
-            for i in idx:
-                n = out[i].numel()
-                out[i] = flat[offset : offset + n].reshape(out[i].shape).to(tensors[i].device)
-                offset += n
-        return out
