@@ -120,3 +120,5 @@ def test_launch_refuses_bad_arguments(tmp_path):
         launch(0, spec, 1, tmp_path)
     with pytest.raises(ValueError, match="backend"):
         launch(2, spec, 1, tmp_path, backend="mpi")
+    with pytest.raises(TypeError, match="must pickle"):
+        launch(2, _spec(FedAvg(local_steps=1, batch_size=4), evaluate=lambda x: {}), 1, tmp_path)

@@ -37,6 +37,7 @@ import argparse
 import importlib
 import math
 import os
+import pickle
 import tempfile
 import time
 import traceback
@@ -517,6 +518,13 @@ def launch(
         raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    try:
+        pickle.dumps(spec)
+    except Exception as exc:  # a lambda or a closure (e.g. an evaluate function) in the spec
+        raise TypeError(
+            "launch() sends the FederationSpec to spawned processes, so it must pickle: use "
+            f"module-level functions, not lambdas or closures ({type(exc).__name__}: {exc})"
+        ) from exc
     with tempfile.TemporaryDirectory(prefix="anyorder-fed-") as tmp:
         out = Path(out_dir) if out_dir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
