@@ -122,3 +122,34 @@ def test_launch_refuses_bad_arguments(tmp_path):
         launch(2, spec, 1, tmp_path, backend="mpi")
     with pytest.raises(TypeError, match="must pickle"):
         launch(2, _spec(FedAvg(local_steps=1, batch_size=4), evaluate=lambda x: {}), 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_entry_point_equals_the_simulator(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torchrun_spec import make_spec
+
+    here = Path(__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parents[1] / "src"), str(here),
+                                          os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+         "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "anyorder.federated.multiprocess", "--spec", "torchrun_spec:make_spec",
+         "--rounds", str(ROUNDS), "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    got = torch.load(tmp_path / "result.pt", weights_only=True)
+    sim = make_spec().simulator()
+    sim.run(ROUNDS)
+    assert got["world"] == WORLD and torch.equal(got["model"], sim.global_model())
+    _same_records(got["history"], sim.history)

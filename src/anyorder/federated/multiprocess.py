@@ -578,4 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - torchrun entry point
-    raise SystemExit(main())
+    # Run the imported module's main, so that FederationSpec is the class users import (under
+    # ``-m`` this file is also loaded as ``__main__``, with classes of its own).
+    from anyorder.federated.multiprocess import main as _main
+
+    raise SystemExit(_main())
