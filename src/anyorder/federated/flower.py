@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -151,8 +152,6 @@ class AlgorithmStrategy(Strategy):
             self.server = self.algorithm.init_server(x0, self.num_clients)
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < self.min_nodes:  # pragma: no cover - timing dependent
-            import time
-
             time.sleep(0.5)
             nodes = sorted(grid.get_node_ids())
         gen = client_generator(self.seed, server_round - 1, -1)
