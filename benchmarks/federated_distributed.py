@@ -129,7 +129,10 @@ def engines(args) -> list[dict]:
         ("dfedavg-ring", DFedAvg(local_steps=10, batch_size=32, lr=0.1),
          {"mixing": mixing_matrix("ring", 20)}),
     ]  # fmt: skip
+    wanted = set(args.cases.split(","))
     for name, alg, kw in cases:
+        if name not in wanted:
+            continue
         s = dataclasses.replace(spec(alg, **kw), evaluate=None)
         sim = s.simulator()
         t0 = time.perf_counter()
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--worlds", default="2,3,4")
+    parser.add_argument("--cases", default="fedavg,fedzo,dfedavg-ring", help="engines: which runs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
