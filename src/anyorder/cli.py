@@ -175,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FED_HELP = {
+    "lr": "local learning rate",
+    "rho": "SAM radius (FedSAM, MoFedSAM, FedSpeed, DFedSAM)",
+    "lam": "FedSpeed's lambda (the prox term is (x - x_t)/lambda)",
+    "momentum_alpha": "MoFedSAM's weight of the fresh SAM gradient",
+    "alpha": "Dirichlet concentration (smaller: more skewed labels)",
+    "participation": "fraction of clients per round",
+    "dropout": "probability that a selected client drops out",
+    "gossip_steps": "DFedSAM-MGS gossip steps per round",
+    "buffer_size": "FedBuff's c",
+    "period": "FedFix's aggregation period (slowest client: 1 time unit per update)",
+    "slower_percent": "how much faster the fastest client is than the slowest, in percent",
+    "hidden": "MLP hidden width",
+    "threshold": "accuracy for 'rounds to threshold'",
+}
+
+
 def _add_federated_parser(sub: argparse._SubParsersAction) -> None:
     """``anyorder federated``: options mirror :class:`anyorder.bench.federated.FederatedConfig`."""
     from anyorder.bench.federated import ALGORITHMS, FederatedConfig
@@ -198,7 +215,8 @@ def _add_federated_parser(sub: argparse._SubParsersAction) -> None:
         ("period", _positive_float), ("slower_percent", float), ("hidden", _positive_int),
         ("threshold", _positive_float),
     ):  # fmt: skip
-        fed.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name].default)
+        fed.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name].default,
+                         help=f"{_FED_HELP.get(name, name.replace('_', ' '))} (default {d[name].default})")  # fmt: skip
     fed.add_argument("--partition", choices=["dirichlet", "iid", "pathological"], default="dirichlet")
     fed.add_argument("--topology", choices=["ring", "torus", "erdos-renyi", "complete"], default="ring")
     fed.add_argument("--seeds", type=_names, default="0,1,2,3,4", help="comma-separated seeds")

@@ -94,5 +94,10 @@ def test_async_resume_and_bad_input(tmp_path):
         AsyncSimulator(alg, FedBuff(2), model, LOSS, data, [1.0, 0.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="buffer_size"):
         AsyncSimulator(alg, FedBuff(5), model, LOSS, data, skewed_times(4, 10))
+    from anyorder.federated import FedSpeed, MoFedSAM
+
+    for stateful in (FedSpeed(), MoFedSAM()):
+        with pytest.raises(TypeError, match="stateless"):
+            AsyncSimulator(stateful, FedBuff(2), model, LOSS, data, skewed_times(4, 10))
     with pytest.raises(ValueError, match="period"):
         FedFix(period=0)

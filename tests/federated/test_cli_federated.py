@@ -33,3 +33,12 @@ def test_federated_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("anyorder: error:")
         assert not out.exists()
+
+
+def test_federated_help(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["federated", "--help"])
+    assert info.value.code == 0
+    assert "--participation" in capsys.readouterr().out

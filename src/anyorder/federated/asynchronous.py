@@ -151,6 +151,14 @@ class AsyncSimulator(_Engine):
             raise ValueError(
                 f"buffer_size={rule.buffer_size} is more than the {self.num_clients} clients"
             )
+        if self.algorithm.init_client(self.x0, 0) or set(
+            self.algorithm.downlink(self.algorithm.init_server(self.x0, self.num_clients))
+        ) != {"model"}:
+            raise TypeError(
+                f"{algorithm.name} keeps client state or sends more than the model; the "
+                "asynchronous engine runs stateless clients that start from the model alone "
+                "(FedAvg, FedSAM)"
+            )
         self.rule = rule
         self.times = times
         self.importance = importance
