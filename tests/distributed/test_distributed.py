@@ -184,3 +184,42 @@ def test_bad_configurations_are_clear_errors() -> None:
         launch(1, DistributedRun(lambda: None), "/tmp/unused")
     with pytest.raises(ValueError, match="one projected gradient per query"):
         ZOSGD(model.parameters(), lr=0.1).apply_queries(0, [1, 2], [0.5])
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_an_exception_in_a_trainer_evaluation_leaves_weights_and_state_bit_identical(
+    error, fail_at
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Linear(6, 1)
+    x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 1, generator=gen)
+    opt = ZOSGD(model.parameters(), lr=0.01)
+    trainer = ZOTrainer(model, opt, check_every=0)
+    trainer.step(lambda backward=True: nn.functional.mse_loss(model(x), y))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = repr(opt.state_dict())
+    calls = []
+
+    def closure(backward: bool = True):
+        calls.append(1)
+        if len(calls) - 1 == fail_at:
+            raise error
+        return nn.functional.mse_loss(model(x), y)
+
+    with pytest.raises(type(error)):
+        trainer.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert repr(opt.state_dict()) == state
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", torch.ones(3)])
+def test_a_trainer_closure_returning_the_wrong_thing_is_one_clear_error(bad) -> None:
+    model = nn.Linear(2, 1)
+    opt = ZOSGD(model.parameters(), lr=0.01)
+    trainer = ZOTrainer(model, opt, check_every=0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises((TypeError, ValueError), match="closure must return a scalar loss"):
+        trainer.step(lambda backward=True: bad)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert opt.global_state["step"] == 0

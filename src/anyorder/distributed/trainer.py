@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from anyorder.core.closure import call_closure
 from anyorder.core.files import CheckpointError, load_checkpoint
 from anyorder.core.rng import derive_seed
 from anyorder.distributed.payload import ScalarCodec, decode, encode
@@ -237,13 +236,18 @@ class ZOTrainer:
         query = self.query_seed(step)
 
         t0 = time.perf_counter()
+        evaluations = opt.global_state["evaluations"]
         torch._foreach_copy_(self._backup, tensors)
-        opt.estimator.perturb_(params, step, query, mu)
-        plus = float(torch.as_tensor(call_closure(closure, backward=False)).double())
-        opt.estimator.perturb_(params, step, query, -2 * mu)
-        minus = float(torch.as_tensor(call_closure(closure, backward=False)).double())
-        torch._foreach_copy_(tensors, self._backup)  # exact restore: replicas stay identical
-        opt.global_state["evaluations"] += 2
+        try:  # the one evaluation path checks what the closure returns
+            opt.estimator.perturb_(params, step, query, mu)
+            plus = float(opt.evaluate(closure, backward=False).double())
+            opt.estimator.perturb_(params, step, query, -2 * mu)
+            minus = float(opt.evaluate(closure, backward=False).double())
+        except BaseException:  # incl. KeyboardInterrupt: weights and counters as they were
+            opt.global_state["evaluations"] = evaluations
+            raise
+        finally:
+            torch._foreach_copy_(tensors, self._backup)  # exact restore: replicas stay identical
         g = (plus - minus) / (2 * mu)
 
         t1 = time.perf_counter()
