@@ -1,7 +1,12 @@
 """Federated and decentralized optimization: client data partitions, algorithms written once as a
 client rule plus a server (or gossip) rule (:mod:`anyorder.federated.algorithm`), and engines that
 only move their payloads around (the in-process :class:`Simulator`, :class:`GossipSimulator` and
-:class:`AsyncSimulator`)."""
+:class:`AsyncSimulator`; over torch.distributed :class:`DistributedSimulator`,
+:class:`DistributedGossipSimulator`, :class:`FederationSpec` and :func:`launch`, loaded on first
+use so that ``python -m anyorder.federated.multiprocess`` runs cleanly). Federated zeroth-order
+training that sends seeds and scalars: :class:`FedZO`."""
+
+from typing import Any
 
 from anyorder.federated.algorithm import (
     ClientContext,
@@ -31,6 +36,7 @@ from anyorder.federated.simulator import (
     Simulator,
     accuracy_evaluator,
 )
+from anyorder.federated.zeroth_order import FedZO
 
 __all__ = [
     "ClientContext",
@@ -63,4 +69,19 @@ __all__ = [
     "RoundRecord",
     "CheckpointError",
     "accuracy_evaluator",
+    "FedZO",
+    "DistributedSimulator",
+    "DistributedGossipSimulator",
+    "FederationSpec",
+    "launch",
 ]
+
+_MULTIPROCESS = {"DistributedSimulator", "DistributedGossipSimulator", "FederationSpec", "launch"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MULTIPROCESS:
+        from anyorder.federated import multiprocess
+
+        return getattr(multiprocess, name)
+    raise AttributeError(f"module 'anyorder.federated' has no attribute {name!r}")
