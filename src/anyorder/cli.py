@@ -318,6 +318,9 @@ _FED_HELP = {
     "slower_percent": "how much faster the fastest client is than the slowest, in percent",
     "hidden": "MLP hidden width",
     "threshold": "accuracy for 'rounds to threshold'",
+    "zo_lr": "FedZO's local learning rate",
+    "zo_mu": "FedZO's perturbation size",
+    "zo_queries": "FedZO's two-point queries per local step",
 }
 
 
@@ -342,10 +345,13 @@ def _add_federated_parser(sub: argparse._SubParsersAction) -> None:
         ("classes_per_client", _positive_int), ("participation", _positive_float),
         ("dropout", float), ("gossip_steps", _positive_int), ("buffer_size", _positive_int),
         ("period", _positive_float), ("slower_percent", float), ("hidden", _positive_int),
-        ("threshold", _positive_float),
+        ("threshold", _positive_float), ("zo_lr", _positive_float), ("zo_mu", _positive_float),
+        ("zo_queries", _positive_int),
     ):  # fmt: skip
         fed.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name].default,
                          help=f"{_FED_HELP.get(name, name.replace('_', ' '))} (default {d[name].default})")  # fmt: skip
+    fed.add_argument("--zo-bits", type=int, choices=[8], default=None,
+                     help="FedZO: send each projected gradient as one byte (default: float32)")  # fmt: skip
     fed.add_argument("--partition", choices=["dirichlet", "iid", "pathological"], default="dirichlet")
     fed.add_argument("--topology", choices=["ring", "torus", "erdos-renyi", "complete"], default="ring")
     fed.add_argument("--seeds", type=_names, default="0,1,2,3,4", help="comma-separated seeds")

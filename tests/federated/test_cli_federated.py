@@ -42,3 +42,16 @@ def test_federated_help(capsys):
         main(["federated", "--help"])
     assert info.value.code == 0
     assert "--participation" in capsys.readouterr().out
+
+
+def test_federated_command_runs_fedzo_on_seeds_and_scalars(tmp_path):
+    out = tmp_path / "zo"
+    argv = ["federated", "--rounds", "2", "--seeds", "0", "--num-clients", "4", "--local-steps",
+            "2", "--algorithms", "fedavg,fedzo", "--zo-queries", "2", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    runs = {r["algorithm"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    # an upload is 2 steps x 2 queries of (4-byte seed, 4-byte scalar) + an 8-byte example count,
+    # against FedAvg's whole model (64*64 + 64 + 64*10 + 10 float32 values)
+    assert runs["fedzo"]["up_bytes_per_client_round"] == 2 * 2 * 8 + 8
+    assert runs["fedavg"]["up_bytes_per_client_round"] >= 4 * (64 * 64 + 64 + 64 * 10 + 10)
+    assert json.loads((out / "results.json").read_text())["config"]["zo_queries"] == 2

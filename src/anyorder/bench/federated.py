@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from anyorder.federated.simulator import (
     accuracy_evaluator,
 )
 from anyorder.federated.topology import TOPOLOGIES, mixing_matrix, spectral_gap
+from anyorder.federated.zeroth_order import FedZO
 
 __all__ = [
     "ALGORITHMS",
@@ -53,9 +54,11 @@ __all__ = [
 ]
 
 SERVER = ("fedavg", "fedsam", "mofedsam", "fedspeed")
+#: server-based too, but not in the default set (its own learning rate; bytes per query)
+ZEROTH_ORDER = ("fedzo",)
 GOSSIP = ("dfedavg", "dfedsam", "dfedsam-mgs")
 ASYNC = ("fedbuff", "fedfix")
-ALGORITHMS = SERVER + GOSSIP + ASYNC
+ALGORITHMS = SERVER + ZEROTH_ORDER + GOSSIP + ASYNC
 TASKS = ("digits", "mnist")
 PARTITIONS = ("dirichlet", "iid", "pathological")
 
@@ -126,6 +129,10 @@ class FederatedConfig:
     slower_percent: float = 80.0
     hidden: int = 64
     threshold: float = 0.9
+    zo_lr: float = 0.05
+    zo_mu: float = 1e-3
+    zo_queries: int = 4
+    zo_bits: int | None = None
 
     def __post_init__(self) -> None:
         self.algorithms = tuple(self.algorithms)
@@ -183,6 +190,13 @@ class FederatedConfig:
             return MoFedSAM(**common, rho=self.rho, alpha=self.momentum_alpha)
         if name == "fedspeed":
             return FedSpeed(**common, rho=self.rho, lam=self.lam)
+        if name == "fedzo":  # seeds and scalars; the model goes down when clients may miss rounds
+            full = self.participation == 1.0 and self.dropout == 0.0
+            return FedZO(
+                local_steps=self.local_steps, batch_size=self.batch_size, lr=self.zo_lr,
+                mu=self.zo_mu, queries=self.zo_queries, quantize_bits=self.zo_bits,
+                sync="pairs" if full else "model",
+            )  # fmt: skip
         if name == "dfedavg":
             return DFedAvg(**common)
         if name == "dfedsam":
@@ -368,7 +382,9 @@ def run_federated(
         evaluate = accuracy_evaluator(model, x_te, y_te)
         for name in config.algorithms:
             alg = config.build(name)
-            if name in SERVER:
+            if name in ZEROTH_ORDER:  # directions keyed by the run's seed, like the batches
+                alg = replace(alg, seed=seed)
+            if name in SERVER or name in ZEROTH_ORDER:
                 sim: Any = Simulator(
                     alg,
                     model,
