@@ -87,7 +87,11 @@ def test_optimizer_raises_on_all_plus_inf_and_leaves_the_weights() -> None:
     skip.step(_plus_inf_closure([]))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert skip.global_state["skipped_steps"] == 1
+    # a skipped step changes no state: the swarm is not even created (and never NaN)
+    assert skip.global_state["particles"] is None
+    skip.step(lambda backward=False: (model.weight.sum() ** 2).reshape(()))
     assert bool(torch.isfinite(skip.global_state["particles"]).all())
+    assert skip.global_state["skipped_steps"] == 1
 
 
 def test_minimize_counts_plus_inf_values_as_missing() -> None:
