@@ -33,7 +33,7 @@ from anyorder.bench.report import OutDirExistsError, prepare_out_dir
 from anyorder.bilevel import AID, BOREP, BSVRB, ITD, LVHBA, Penalty
 from anyorder.bilevel.problems import HyperCleaning, LogisticL2, MultiTaskL2, load_cleaning_data
 from anyorder.core.base import NonFiniteLossError
-from anyorder.core.files import atomic_write
+from anyorder.core.files import atomic_write, strict_json_bytes
 
 __all__ = ["PROBLEMS", "ALGORITHMS", "BilevelRun", "run_one", "run_bilevel_suite", "write_bilevel_report"]
 
@@ -409,7 +409,7 @@ def write_bilevel_report(result: dict[str, Any], out_dir: str | Path) -> dict[st
     """``results.json``, ``results.csv``, one PNG per problem and ``index.html``."""
     out = Path(out_dir)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "html": out / "index.html"}
-    atomic_write(paths["json"], json.dumps(result, indent=1, allow_nan=False).encode())
+    atomic_write(paths["json"], strict_json_bytes(result, indent=1))
     rows = [_row(r) for r in result["runs"]]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")

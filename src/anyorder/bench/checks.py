@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from anyorder.core.files import json_safe  # the one conversion, re-exported for the bench
+
 __all__ = ["check_config", "check_out_dir", "json_safe", "OutDirError"]
 
 #: Folders whose files are the kernel's, not a disk's: never an output folder.
@@ -150,16 +152,3 @@ def check_out_dir(path: str | Path) -> None:
             f"output directory {str(path)!r} cannot be created in {str(existing)!r}: "
             f"{err.strerror or err}"
         ) from None
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, +-inf: a diverged run's figures, a monitor's
-    records) replaced by ``None``, so that ``json.dumps(..., allow_nan=False)`` writes strict
-    JSON (``null``). Tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anyorder.core.files import atomic_write
+from anyorder.core.files import atomic_write, strict_json_bytes
 from anyorder.federated.asynchronous import AsyncSimulator, FedBuff, FedFix, skewed_times
 from anyorder.federated.decentralized import DFedAvg, DFedSAM, DFedSAMMGS
 from anyorder.federated.fedavg import FedAvg, FedSAM
@@ -544,8 +544,7 @@ def write_federated_report(result: FederatedResult, out_dir: str | Path) -> dict
         "plot": out / "accuracy.png",
         "html": out / "index.html",
     }
-    blob = json.dumps(result.to_dict(), indent=1, allow_nan=True).replace("NaN", "null")
-    atomic_write(paths["json"], blob.encode())
+    atomic_write(paths["json"], strict_json_bytes(result.to_dict(), indent=1))
     atomic_write(paths["csv"], _csv(result))
     _plot(result, paths["plot"])
     esc = html.escape

@@ -16,13 +16,12 @@ steps a run completes depends on timing too, so those runs are not reproducible 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from anyorder.bench.runner import HistoryPoint, RunResult
-from anyorder.core.files import atomic_write
+from anyorder.core.files import atomic_write, strict_json_bytes
 
 __all__ = ["SETTINGS_FILE", "RUNS_DIR", "RunStore", "save_settings", "load_settings", "ResumeError"]
 
@@ -81,17 +80,6 @@ def _file_name(task: str, optimizer: str, seed: int) -> str:
     return f"{clean(task)}__{clean(optimizer)}__seed{seed}.json"
 
 
-def _strict(value: Any) -> Any:
-    """``value`` with non-finite floats as ``None`` (strict JSON, as in ``results.json``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def run_from_dict(data: dict[str, Any]) -> RunResult:
     """A :class:`RunResult` from its ``to_dict()`` form (``TypeError``/``KeyError`` if not)."""
     history = [HistoryPoint(**h) for h in data["history"]]
@@ -108,7 +96,7 @@ class RunStore:
         """Save one finished run (atomically)."""
         self.dir.mkdir(exist_ok=True)
         path = self.dir / _file_name(result.task, result.optimizer, result.seed)
-        atomic_write(path, json.dumps(_strict(result.to_dict()), allow_nan=False).encode())
+        atomic_write(path, strict_json_bytes(result.to_dict()))
         return path
 
     def load(self) -> dict[tuple[str, str, int], RunResult]:

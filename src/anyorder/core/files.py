@@ -3,11 +3,13 @@ code-free checkpoint loads."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -97,3 +99,21 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
                 "not loaded, since unpickling them could run code (weights_only=True)"
             ) from err
         raise CheckpointError(f"{name} is truncated or corrupted: {_first_line(err)}") from err
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf: a diverged run's figures, a monitor's
+    records) replaced by ``None``, so that it serialises as strict JSON (``null``). Tuples
+    become lists. The one conversion every JSON file anyorder writes goes through."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def strict_json_bytes(value: Any, **dumps_kwargs: Any) -> bytes:
+    """``value`` as strict JSON bytes (non-finite floats as ``null``, see :func:`json_safe`)."""
+    return json.dumps(json_safe(value), allow_nan=False, **dumps_kwargs).encode()

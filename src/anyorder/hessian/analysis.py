@@ -8,7 +8,6 @@ of Batch Size"), written as JSON plus two plots.
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,12 +212,12 @@ def write_hessian_report(report: HessianReport, out_dir: str | Path) -> dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from anyorder.core.files import atomic_write
+    from anyorder.core.files import atomic_write, strict_json_bytes
 
     out = Path(out_dir)
     paths = {"json": out / "hessian.json", "density": out / "density.png"}
     paths["layers"] = out / "layers.png"
-    atomic_write(paths["json"], json.dumps(report.to_dict(), indent=1, allow_nan=False).encode())
+    atomic_write(paths["json"], strict_json_bytes(report.to_dict(), indent=1))
 
     fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
     values = [max(v, 1e-12) for v in report.density.values]
