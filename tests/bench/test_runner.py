@@ -256,3 +256,18 @@ def test_backward_evals_include_the_passes_an_optimizer_makes_on_its_own(optimiz
     result = run_one(run, seed=0)
     assert result.forward_evals == 12
     assert result.backward_evals == 12 + internal
+
+
+def test_plan_suite_checks_a_config_dict_given_from_python() -> None:
+    import math
+
+    import pytest
+
+    from anyorder.bench.runner import plan_suite
+
+    with pytest.raises(ValueError, match="sgdd"):
+        plan_suite(tasks=["rosenbrock"], config={"optimizers": {"sgdd": {"lr": 0.1}}})
+    with pytest.raises(ValueError, match="lr"):
+        plan_suite(tasks=["rosenbrock"], config={"optimizers": {"sgd": {"lr": math.nan}}})
+    with pytest.raises(ValueError, match="rosenbrok"):
+        plan_suite(tasks=["rosenbrock"], config={"tasks": {"rosenbrok": {"dim": 3}}})

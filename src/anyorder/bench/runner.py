@@ -197,8 +197,10 @@ def plan_suite(
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; valid devices: cpu, cuda")
     config = config or {}
-    for configured in config.get("tasks", {}):
-        get_task(configured)  # unknown task names in the config are errors too
+    if config:  # the checks load_config makes, for a config dict given directly from Python
+        from anyorder.bench.checks import check_config
+
+        check_config(config, "<config given to plan_suite>")
     task_names = list(tasks) if tasks else list(SUITES[suite])
     opt_names = list(optimizers) if optimizers else None
     specs: list[tuple[OptimizerSpec, dict[str, Any], dict[str, dict[str, Any]]]] = []
