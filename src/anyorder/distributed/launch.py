@@ -132,7 +132,21 @@ def _worker(rank: int, world: int, run: DistributedRun, out_dir: str, init_file:
         )
         (out / "result.json").write_text(json.dumps(report, default=str))
     dist.barrier()
-    dist.destroy_process_group()
+    exit_finished_worker()
+
+
+def exit_finished_worker() -> None:
+    """End a spawned worker once every rank passed the final barrier (all results are on disk).
+
+    ``os._exit(0)`` instead of ``destroy_process_group()`` and a normal interpreter exit: gloo's
+    threads, torn down while the peers are doing the same, now and then abort a finished rank
+    with "terminate called without an active exception" (exit code -6, seen once in CI), which
+    would report a complete run as failed."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(world: int, run: DistributedRun, out_dir: str | Path) -> dict[str, Any]:

@@ -53,6 +53,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from anyorder.core.files import atomic_write
+from anyorder.distributed.launch import exit_finished_worker
 from anyorder.federated.algorithm import (
     ClientData,
     GossipAlgorithm,
@@ -485,9 +486,11 @@ def _worker(rank: int, world: int, spec: FederationSpec, rounds: int, out: str, 
         dist.barrier()
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # every rank passed the barrier and the result is on disk: leave without tearing gloo down
+    # (a finished rank is now and then aborted there, exit code -6; see distributed.launch)
+    exit_finished_worker()
 
 
 def launch(
