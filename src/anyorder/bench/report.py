@@ -201,8 +201,11 @@ def write_report(
 def load_results(path: str | Path) -> SuiteResult:
     """Read a ``results.json`` back into a :class:`SuiteResult`."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    runs = [
-        RunResult(**{**r, "history": [HistoryPoint(**h) for h in r["history"]]})
-        for r in data.pop("runs")
-    ]
+    runs = [run_from_dict(r) for r in data.pop("runs")]
     return SuiteResult(**data, runs=runs)
+
+
+def run_from_dict(data: dict[str, Any]) -> RunResult:
+    """A :class:`RunResult` from its ``to_dict()`` form (``TypeError``/``KeyError`` if not)."""
+    history = [HistoryPoint(**h) for h in data["history"]]
+    return RunResult(**{**data, "history": history})

@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from anyorder.bench.runner import HistoryPoint, RunResult
+from anyorder.bench.report import run_from_dict
+from anyorder.bench.runner import RunResult
 from anyorder.core.files import atomic_write, strict_json_bytes
 
 __all__ = ["SETTINGS_FILE", "RUNS_DIR", "RunStore", "save_settings", "load_settings", "ResumeError"]
@@ -78,12 +79,6 @@ def _file_name(task: str, optimizer: str, seed: int) -> str:
 
     # the clean names keep files readable; the JSON inside is what is matched on load
     return f"{clean(task)}__{clean(optimizer)}__seed{seed}.json"
-
-
-def run_from_dict(data: dict[str, Any]) -> RunResult:
-    """A :class:`RunResult` from its ``to_dict()`` form (``TypeError``/``KeyError`` if not)."""
-    history = [HistoryPoint(**h) for h in data["history"]]
-    return RunResult(**{**data, "history": history})
 
 
 class RunStore:

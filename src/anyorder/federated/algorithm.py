@@ -301,14 +301,3 @@ def check_positive(value: Any, name: str, integer: bool = False) -> Any:
         kind = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value) if integer else float(value)
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)

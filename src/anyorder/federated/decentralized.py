@@ -18,10 +18,10 @@ from anyorder.federated.algorithm import (
     ClientContext,
     GossipAlgorithm,
     State,
-    check_nonnegative,
     check_positive,
 )
 from anyorder.federated.local import local_train
+from anyorder.optim._common import check_nonnegative
 
 __all__ = ["DFedAvg", "DFedSAM", "DFedSAMMGS"]
 

@@ -20,10 +20,10 @@ from anyorder.federated.algorithm import (
     Payload,
     ServerAlgorithm,
     State,
-    check_nonnegative,
     check_positive,
 )
 from anyorder.federated.local import local_train
+from anyorder.optim._common import check_nonnegative
 
 __all__ = ["FedAvg", "FedSAM", "weighted_mean_update"]
 

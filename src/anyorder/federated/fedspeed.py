@@ -29,11 +29,11 @@ from anyorder.federated.algorithm import (
     Payload,
     ServerAlgorithm,
     State,
-    check_nonnegative,
     check_positive,
     split_like,
 )
 from anyorder.federated.local import local_train
+from anyorder.optim._common import check_nonnegative
 
 __all__ = ["FedSpeed"]
 

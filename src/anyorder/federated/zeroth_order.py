@@ -51,11 +51,11 @@ from anyorder.federated.algorithm import (
     Payload,
     ServerAlgorithm,
     State,
-    check_nonnegative,
     check_positive,
     split_like,
 )
 from anyorder.federated.fedavg import WEIGHTINGS, weighted_mean_update
+from anyorder.optim._common import check_nonnegative
 from anyorder.optim.zo import ZOSGD, _ZeroOrderOptimizer
 
 __all__ = [
