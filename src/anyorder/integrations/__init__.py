@@ -1,7 +1,10 @@
 """Integrations with the stacks users fine-tune in. So far: task-aligned starts for zeroth-order
 fine-tuning (MeZO, Malladi et al. 2023): prompt-based classification through a masked or causal
 LM's own head (:mod:`~anyorder.integrations.prompts`) and heads built from a frozen encoder's
-embeddings (:mod:`~anyorder.integrations.heads`)."""
+embeddings (:mod:`~anyorder.integrations.heads`); training loops users already run:
+:class:`ClosureTrainer` (a ``transformers.Trainer`` for closure optimizers, ``anyorder[hf]``) and
+:func:`~anyorder.integrations.lightning.closure_step` (Lightning manual optimization,
+``anyorder[lightning]``), both imported on first use so the library needs neither."""
 
 from anyorder.integrations.heads import (
     CosineHead,
@@ -17,6 +20,7 @@ from anyorder.integrations.heads import (
 from anyorder.integrations.prompts import PromptClassifier, encode_prompts, label_token_ids
 
 __all__ = [
+    "ClosureTrainer",
     "CosineHead",
     "PooledClassifier",
     "PromptClassifier",
@@ -30,3 +34,12 @@ __all__ = [
     "prototype_head",
     "zero_shot_accuracy",
 ]
+
+
+def __getattr__(name: str):
+    # Optional extras, imported on first use (the library requires neither).
+    if name == "ClosureTrainer":
+        from anyorder.integrations.hf_trainer import ClosureTrainer
+
+        return ClosureTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
