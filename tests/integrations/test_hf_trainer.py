@@ -5,6 +5,7 @@ settings that cannot carry over are refused naming the setting."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -330,3 +331,60 @@ def test_fp16_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="fp16=True"):
         ClosureTrainer(model=model, args=args, train_dataset=ToyData(),
                        optimizers=(ZOSGD(model.parameters(), lr=1e-2), None))  # fmt: skip
+
+
+def test_bf16_runs_the_closure_under_autocast(tmp_path):
+    """bf16=True: the ZO step equals a plain loop whose forward runs under CPU bf16 autocast."""
+    data = ToyData()
+    model = tiny_classifier()
+    args = training_args(tmp_path, max_steps=2, bf16=True)
+    ClosureTrainer(model=model, args=args, train_dataset=data,
+                   optimizers=(ZOSGD(model.parameters(), lr=1e-2, seed=3), None)).train()  # fmt: skip
+
+    def forward(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(**b).loss.float()
+
+    ref = tiny_classifier().train()
+    ref_opt = ZOSGD(ref.parameters(), lr=1e-2, seed=3)
+    for k in range(2):
+        b = batch_of(data, 4 * k, 4)
+        ref_opt.step(make_closure(ref, lambda out, _b: out, b, forward=forward))
+    assert_same_weights(model, ref)
+
+
+def test_minilm_zo_through_the_trainer_equals_the_plain_loop(tmp_path, count_backward):
+    """The bench's offline MiniLM (22.7M parameters) with a classification head: two ZOSGD steps
+    through ClosureTrainer, no backward pass, the same weights as the plain loop."""
+    text = pytest.importorskip("anyorder.bench.tasks.text_finetune")
+    try:
+        path = text.model_dir()
+    except (FileNotFoundError, ImportError) as err:
+        pytest.skip(f"MiniLM is not installed: {err}")
+    from transformers import AutoModelForSequenceClassification
+
+    ids, mask, labels = (t[:8] for t in text.load_tokenized(64))
+    ids, mask = ids[:, :32], mask[:, :32]
+    rows = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
+
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=2, local_files_only=True,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            )  # fmt: skip
+
+    model = build()
+    ref = copy.deepcopy(model).train()
+    ClosureTrainer(
+        model=model, args=training_args(tmp_path, max_steps=2), train_dataset=rows,
+        optimizers=(ZOSGD(model.parameters(), lr=1e-5, mu=1e-3), None),
+    ).train()  # fmt: skip
+    assert count_backward == {"backward": 0, "grad": 0}
+    ref_opt = ZOSGD(ref.parameters(), lr=1e-5, mu=1e-3)
+    for k in range(2):
+        batch = {"input_ids": ids[4 * k : 4 * k + 4], "attention_mask": mask[4 * k : 4 * k + 4],
+                 "labels": labels[4 * k : 4 * k + 4]}  # fmt: skip
+        ref_opt.step(hf_closure(ref, batch))
+    assert_same_weights(model, ref)
