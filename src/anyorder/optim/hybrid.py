@@ -56,7 +56,8 @@ class HybridZO(ZOSGD):
     """Exact gradients for the ``order=1`` param groups, the SPSA estimate for the others.
 
     Args: as :class:`~anyorder.optim.ZOSGD`, plus ``order`` (the default for groups that do not
-    set it). Typical use, a task-aligned head trained by backprop on top of a ZO body::
+    set it) and ``exact_lr`` (the learning rate of ``order=1`` groups that do not set their own;
+    default: ``lr``). Typical use, a task-aligned head trained by backprop on top of a ZO body::
 
         HybridZO([{"params": model.encoder.parameters()},
                   {"params": model.head.parameters(), "order": 1, "lr": 1e-3}],
@@ -81,6 +82,7 @@ class HybridZO(ZOSGD):
         seed: int = 0,
         *,
         order: int = 0,
+        exact_lr: float | None = None,
         probe_every: int = 0,
         on_nonfinite: str = "skip",
         portable_directions: bool = False,
@@ -88,6 +90,11 @@ class HybridZO(ZOSGD):
     ) -> None:
         self._check_order(order, "order")
         self._default_order = order
+        if exact_lr is not None and (
+            isinstance(exact_lr, bool) or not isinstance(exact_lr, (int, float)) or not exact_lr >= 0
+        ):
+            raise ValueError(f"HybridZO: exact_lr must be a number >= 0 or None, got {exact_lr!r}")
+        self._exact_lr = exact_lr
         super().__init__(
             params,
             lr,
@@ -116,6 +123,9 @@ class HybridZO(ZOSGD):
         if isinstance(param_group, dict):
             param_group.setdefault("order", getattr(self, "_default_order", 0))
             self._check_order(param_group["order"], f"param group {len(self.param_groups)}: order")
+            exact_lr = getattr(self, "_exact_lr", None)
+            if param_group["order"] == 1 and exact_lr is not None:
+                param_group.setdefault("lr", exact_lr)
         super().add_param_group(param_group)
 
     def check_hyperparameters(self) -> None:

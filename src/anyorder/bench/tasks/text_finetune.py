@@ -204,7 +204,7 @@ class TextFinetune(ModelTask):
     """all-MiniLM-L6-v2 + linear head on fresh/rotten reviews; cross-entropy; metric: accuracy."""
 
     name = "text-finetune"
-    provides = frozenset({"values", "gradients", "model", "logits"})
+    provides = frozenset({"values", "gradients", "model", "logits", "encoder-head"})
     description = (
         "all-MiniLM-L6-v2 (22.7M, pretrained) mean-pooled + linear head, fine-tuned on Rotten "
         "Tomatoes fresh/rotten snippets, cross-entropy; metric: held-out accuracy"
