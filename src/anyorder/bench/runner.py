@@ -310,7 +310,7 @@ def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
         # One throwaway step first: one-time allocations (cuBLAS workspaces for the backward
         # pass) are not the optimizer's memory.
         warm = task.init_model(seed)
-        warm_opt = run.spec.build(warm.parameters(), run.hyperparameters)
+        warm_opt = run.spec.build(run.spec.params_of(warm), run.hyperparameters)
         warm_batch = next(task.batches(torch.Generator().manual_seed(seed)))
         warm_opt.step(
             _task_closure(
@@ -319,7 +319,7 @@ def _memory_probe(task: Task, run: PlannedRun, seed: int, n_steps: int) -> int:
         )
         del warm, warm_opt
     model = task.init_model(seed)
-    opt = run.spec.build(model.parameters(), run.hyperparameters)
+    opt = run.spec.build(run.spec.params_of(model), run.hyperparameters)
     batches = task.batches(torch.Generator().manual_seed(seed))
     batch_list = [next(batches) for _ in range(n_steps)]
 
@@ -390,7 +390,7 @@ def run_one(
     mem_peak = _memory_probe(task, run, seed, min(memory_steps, run.steps))
 
     model = task.init_model(seed)
-    opt = run.spec.build(model.parameters(), run.hyperparameters)
+    opt = run.spec.build(run.spec.params_of(model), run.hyperparameters)
     batches = task.batches(torch.Generator().manual_seed(seed))
     counter = EvalCounter()
     counted_loss = counter.wrap(_loss_fn(task, run))

@@ -5,6 +5,7 @@ from anyorder.optim.adahessian import AdaHessian
 from anyorder.optim.cbo import CBO
 from anyorder.optim.first_order import DiffGrad, Lion
 from anyorder.optim.groups import asam_groups, decay_groups
+from anyorder.optim.hybrid import HybridZO
 from anyorder.optim.mfac import MFAC
 from anyorder.optim.sam import SAM
 from anyorder.optim.sophia import Sophia
@@ -15,6 +16,7 @@ __all__ = [
     "ZOSGD",
     "ZOAdam",
     "ZOProbeRecord",
+    "HybridZO",
     "AdaHessian",
     "DiffGrad",
     "Lion",

@@ -7,6 +7,10 @@ never build an autograd graph. Memory beyond inference: ZOSGD keeps nothing (a m
 ``momentum > 0``), ZOAdam its two moment buffers; directions and estimates exist one chunk
 (:data:`anyorder.core.rng.CHUNK` elements) at a time.
 
+A step asked to train parameters flagged as freshly initialised (:mod:`anyorder.core.fresh`)
+warns once with :class:`~anyorder.core.fresh.FreshHeadWarning`: MeZO works only from a
+task-aligned start.
+
 Evaluations per step: ``2 * n_queries`` (``1 + n_queries`` when ``one_sided``). ``step(closure)``
 returns the mean of the losses it evaluated, as a float.
 """
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 
 from anyorder.core.base import AnyOrderOptimizer
+from anyorder.core.fresh import warn_if_fresh
 from anyorder.core.rng import flat_view
 from anyorder.estimators.spsa import SPSA, SPSASample, warn_if_mu_below_resolution
 from anyorder.functional import adam_, sgd_
@@ -145,6 +150,7 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         pairs = [(i, p) for i, p, _ in indexed]
         if not self._checked_resolution:
             warn_if_mu_below_resolution(pairs, self.estimator.mu)
+            warn_if_fresh([p for _, p in pairs], type(self).__name__)
             self._checked_resolution = True
         saved = [p.detach().clone() for _, p in pairs] if self.exact_restore else None
 

