@@ -89,3 +89,95 @@ static inline uint64_t mix64(uint64_t z) {
 
 DEFINE_KERNELS(f32, float, uint32_t, 31)
 DEFINE_KERNELS(f64, double, uint64_t, 63)
+
+/* Exact-restore guard (anyorder.estimators.restore): the first move of a query, w <- w + alpha1 z,
+ * fused with what an exact restore needs, computed while the original element w0 is at hand:
+ *   key(x): x's bit pattern made monotone in its value (negative patterns: magnitude bits
+ *           flipped), so one ulp is one key step across zero too;
+ *   codes:  the low two bits of key(w0), four per byte (written only if `codes` is not NULL);
+ *   escapes: elements for which the restore from a = w0 + alpha1 z (and, if `two`, from
+ *           b = a + alpha2 z) is more than one key step off key(w0); their index and w0 are
+ *           written to esc/vals.
+ * The restore from a state s carrying the displacement d z is r = (REAL)((double)s - z d), then
+ * the key nearest key(r) with the saved low bits. These are the operations of the torch path in
+ * restore.py, bit for bit. The guard stops after the 64-element block at which fewer than 64
+ * escape slots would remain, and returns the number of elements it processed (*found: escapes). */
+#define DEFINE_GUARD(S, REAL, UINT, SINT, BITS)                                                 \
+    static inline SINT okey_##S(REAL x) {                                                        \
+        UINT u;                                                                                  \
+        memcpy(&u, &x, sizeof u);                                                                \
+        UINT m = ((UINT)0 - (u >> (BITS - 1))) >> 1;                                             \
+        return (SINT)(u ^ m);                                                                    \
+    }                                                                                            \
+                                                                                                 \
+    static inline REAL unkey_##S(UINT k) {                                                       \
+        UINT m = ((UINT)0 - (k >> (BITS - 1))) >> 1;                                             \
+        UINT u = k ^ m;                                                                          \
+        REAL x;                                                                                  \
+        memcpy(&x, &u, sizeof x);                                                                \
+        return x;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    static inline int far_##S(REAL r, SINT k0) {                                                 \
+        SINT d = (SINT)((UINT)okey_##S(r) - (UINT)k0);                                           \
+        return d > 1 || d < -1;                                                                  \
+    }                                                                                            \
+                                                                                                 \
+    int64_t rademacher_guard_##S(REAL *w, int64_t n, uint64_t key, int64_t first_word,          \
+                                 REAL alpha1, REAL alpha2, int two, double d1, double d2,        \
+                                 uint8_t *codes, int64_t *esc, REAL *vals, int64_t cap,          \
+                                 int64_t *found) {                                               \
+        int64_t count = 0, base = 0;                                                             \
+        for (; base < n && count + 64 <= cap; base += 64) {                                      \
+            uint64_t word = mix64(key + (uint64_t)(first_word + base / 64 + 1) * GAMMA);         \
+            int m = n - base < 64 ? (int)(n - base) : 64;                                        \
+            REAL *p = w + base;                                                                  \
+            unsigned byte = 0;                                                                   \
+            for (int i = 0; i < m; i++) {                                                        \
+                int neg = (int)((word >> i) & 1u);                                               \
+                REAL x = p[i];                                                                   \
+                SINT k0 = okey_##S(x);                                                           \
+                double zd = neg ? -1.0 : 1.0;                                                    \
+                REAL a = x + (neg ? -alpha1 : alpha1);                                           \
+                p[i] = a;                                                                        \
+                int bad = far_##S((REAL)((double)a - zd * d1), k0);                              \
+                if (two) {                                                                       \
+                    REAL b = a + (neg ? -alpha2 : alpha2);                                       \
+                    bad |= far_##S((REAL)((double)b - zd * d2), k0);                             \
+                }                                                                                \
+                if (bad) {                                                                       \
+                    esc[count] = base + i;                                                       \
+                    vals[count] = x;                                                             \
+                    count++;                                                                     \
+                }                                                                                \
+                if (codes) {                                                                     \
+                    byte |= (unsigned)(k0 & 3) << (2 * (i & 3));                                 \
+                    if ((i & 3) == 3 || i == m - 1) {                                            \
+                        codes[(base + i) >> 2] = (uint8_t)byte;                                  \
+                        byte = 0;                                                                \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        *found = count;                                                                          \
+        return base < n ? base : n;                                                              \
+    }                                                                                            \
+                                                                                                 \
+    void rademacher_unguard_##S(REAL *w, int64_t n, uint64_t key, double d,                     \
+                                const uint8_t *codes) {                                          \
+        for (int64_t base = 0; base < n; base += 64) {                                           \
+            uint64_t word = mix64(key + (uint64_t)(base / 64 + 1) * GAMMA);                      \
+            int m = n - base < 64 ? (int)(n - base) : 64;                                        \
+            REAL *p = w + base;                                                                  \
+            for (int i = 0; i < m; i++) {                                                        \
+                double zd = ((word >> i) & 1u) ? -1.0 : 1.0;                                     \
+                UINT k = (UINT)okey_##S((REAL)((double)p[i] - zd * d));                          \
+                UINT c = (codes[(base + i) >> 2] >> (2 * (i & 3))) & 3u;                         \
+                k += ((c - k + 1u) & 3u) - 1u;                                                   \
+                p[i] = unkey_##S(k);                                                             \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+DEFINE_GUARD(f32, float, uint32_t, int32_t, 32)
+DEFINE_GUARD(f64, double, uint64_t, int64_t, 64)
