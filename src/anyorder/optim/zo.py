@@ -5,7 +5,10 @@
 ZO-Adam variant. Both evaluate the closure with ``backward=False`` under ``torch.no_grad()`` and
 never build an autograd graph. Memory beyond inference: ZOSGD keeps nothing (a momentum buffer if
 ``momentum > 0``), ZOAdam its two moment buffers; directions and estimates exist one chunk
-(:data:`anyorder.core.rng.CHUNK` elements) at a time.
+(:data:`anyorder.core.rng.CHUNK` elements) at a time. During a step the default exact restore
+(``restore="compact"``, :mod:`anyorder.estimators.restore`) keeps 2 bits per element and a short
+list of escapes, so that an exception in the closure or a non-finite loss leaves the weights bit
+for bit as they were (MeZO's own restore is exact only to an ulp).
 
 Evaluations per step: ``2 * n_queries`` (``1 + n_queries`` when ``one_sided``). ``step(closure)``
 returns the mean of the losses it evaluated, as a float.

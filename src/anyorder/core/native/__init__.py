@@ -136,8 +136,8 @@ def _load() -> ctypes.CDLL | None:
                         real,
                         real,
                         ctypes.c_int,
-                        ctypes.c_double,
-                        ctypes.c_double,
+                        real,
+                        real,
                         ctypes.c_void_p,
                         ctypes.c_void_p,
                         ctypes.c_void_p,
@@ -150,7 +150,7 @@ def _load() -> ctypes.CDLL | None:
                         ctypes.c_void_p,
                         ctypes.c_int64,
                         ctypes.c_uint64,
-                        ctypes.c_double,
+                        real,
                         ctypes.c_void_p,
                     ]
                     unguard.restype = None
