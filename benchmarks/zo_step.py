@@ -7,7 +7,9 @@ For each model and batch it measures, interleaved round-robin so that machine no
 method alike, the median wall time of:
   forward        one loss evaluation under no_grad (the unit: ratios are to this)
   zosgd          anyorder.optim.ZOSGD step (default directions: Rademacher on the CPU, Gaussian on a
-                 GPU; 3 passes over the weights)
+                 GPU; 3 passes over the weights; the default bit-exact "compact" restore)
+  zosgd-arith    the same with restore="arithmetic" (MeZO's restore, no memory; the default
+                 before the compact restore): zosgd / zosgd-arith is the compact restore's cost
   zosgd-gauss    the same with Gaussian directions
   mezo-ref       MeZO's zo_step algorithm written out plainly (perturb, forward, perturb, forward,
                  restore, then update: four passes, each redrawing z after torch.manual_seed, as
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import os
 import statistics
 import time
 from pathlib import Path
@@ -113,7 +116,7 @@ def load_mezo_methods(path: str) -> type:
 def build(name: str, device: str):
     """(model, loss_fn) for a named benchmark model."""
     g = torch.Generator().manual_seed(0)
-    if name in ("char-lm", "text-finetune"):
+    if name in ("char-lm", "text-finetune", "digits-mlp"):
         from anyorder.bench.registry import get_task
 
         task = get_task(name)(device=device)
@@ -172,6 +175,7 @@ def measure(name: str, rounds: int, device: str, mezo_host: type | None = None) 
             loss_fn()
 
     zo = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0)
+    zo_arith = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0, restore="arithmetic")
     zo_gauss = ZOSGD(params, lr=1e-7, mu=1e-3, seed=0, distribution="gaussian")
     adamw = torch.optim.AdamW(params, lr=1e-7, foreach=True)
     step = {"n": 0}
@@ -188,6 +192,7 @@ def measure(name: str, rounds: int, device: str, mezo_host: type | None = None) 
     methods = {
         "forward": forward,
         "zosgd": lambda: zo.step(lambda backward=False: loss_fn()),
+        "zosgd-arith": lambda: zo_arith.step(lambda backward=False: loss_fn()),
         "zosgd-gauss": lambda: zo_gauss.step(lambda backward=False: loss_fn()),
         "mezo-ref": mezo,
         "adamw": adamw_step,
@@ -235,14 +240,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"rounds {args.rounds}\n"
+        f"rounds {args.rounds}, load {os.getloadavg()[0]:.1f}\n"
     )
     mezo_cols = " mezo / fwd | zosgd / mezo | mezo mem / infer |" if mezo_host else ""
     print(
-        "| model | params | forward ms | zosgd / fwd | zosgd-gauss / fwd | mezo-ref / fwd | "
-        "adamw / fwd | zosgd mem / infer | mezo-ref mem / infer | adamw mem / infer |" + mezo_cols
+        "| model | params | forward ms | zosgd / fwd | zosgd-arith / fwd | zosgd / zosgd-arith | "
+        "zosgd-gauss / fwd | mezo-ref / fwd | adamw / fwd | zosgd mem / infer | "
+        "zosgd-arith mem / infer | mezo-ref mem / infer | adamw mem / infer |" + mezo_cols
     )
-    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if mezo_host else 0))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if mezo_host else 0))
     for name in args.models.split(","):
         try:
             r = measure(name, args.rounds, args.device, mezo_host)
@@ -252,8 +258,10 @@ def main() -> None:
         f, inf = r["forward_s"], max(r["forward_peak_bytes"], 1)
         print(
             f"| {name} | {r['params'] / 1e6:.2f}M | {f * 1e3:.1f} | {r['zosgd_s'] / f:.2f} | "
+            f"{r['zosgd-arith_s'] / f:.2f} | {r['zosgd_s'] / r['zosgd-arith_s']:.3f} | "
             f"{r['zosgd-gauss_s'] / f:.2f} | {r['mezo-ref_s'] / f:.2f} | {r['adamw_s'] / f:.2f} | "
-            f"{r['zosgd_peak_bytes'] / inf:.2f} | {r['mezo-ref_peak_bytes'] / inf:.2f} | "
+            f"{r['zosgd_peak_bytes'] / inf:.2f} | {r['zosgd-arith_peak_bytes'] / inf:.2f} | "
+            f"{r['mezo-ref_peak_bytes'] / inf:.2f} | "
             f"{r['adamw_peak_bytes'] / inf:.2f} |"
             + (
                 f" {r['mezo_s'] / f:.2f} | {r['zosgd_s'] / r['mezo_s']:.2f} | "

@@ -24,10 +24,10 @@ from anyorder.optim import (
 )
 
 FACTORIES = {
-    "zosgd": lambda ps, **kw: ZOSGD(
-        ps, lr=1e-2, momentum=0.9, n_queries=2, exact_restore=True, **kw
-    ),
-    "zoadam": lambda ps, **kw: ZOAdam(ps, lr=1e-2, one_sided=True, exact_restore=True, **kw),
+    # the default restore ("compact": 2 bits per element and escapes) and the full copy
+    "zosgd": lambda ps, **kw: ZOSGD(ps, lr=1e-2, momentum=0.9, n_queries=2, **kw),
+    "zosgd-copy": lambda ps, **kw: ZOSGD(ps, lr=1e-2, n_queries=2, restore="copy", **kw),
+    "zoadam": lambda ps, **kw: ZOAdam(ps, lr=1e-2, one_sided=True, **kw),
     "cbo": lambda ps, **kw: CBO(ps, n_particles=3, vectorize=False, **kw),
     "sophia-h": lambda ps, **kw: Sophia(ps, lr=1e-2, update_every=2, **kw),
     "sophia-fd": lambda ps, **kw: Sophia(
@@ -130,7 +130,7 @@ def _graph_closure(name, model, t, **kw):
 
 
 def _make_closure(name, model, t, **kw):
-    if name in ("sophia-h", "sophia-fd", "sophia-g", "adahessian", "zosgd", "zoadam"):
+    if name in ("sophia-h", "sophia-fd", "sophia-g", "adahessian", "zosgd", "zosgd-copy", "zoadam"):
         return _graph_closure(name, model, t, **kw)
     return _closure(name, model, t, **kw)
 
@@ -199,11 +199,11 @@ def test_an_exception_in_any_evaluation_leaves_weights_and_state_bit_identical(n
 
 
 @pytest.mark.parametrize("name", ["zosgd", "zoadam"])
-def test_zo_without_a_copy_restores_to_the_rounding_of_its_own_restore(name):
-    # Default (MeZO keeps no copy of the weights): the displacement is subtracted again.
+def test_zo_arithmetic_restore_is_exact_to_the_rounding_of_its_own_restore(name):
+    # restore="arithmetic" (MeZO's, no memory): the displacement is subtracted again.
     cls = ZOSGD if name == "zosgd" else ZOAdam
     model = _model()
-    opt = cls(model.parameters(), lr=1e-2, mu=1e-3)
+    opt = cls(model.parameters(), lr=1e-2, mu=1e-3, restore="arithmetic")
     before = [p.detach().clone() for p in model.parameters()]
     for k in (0, 1):
         with pytest.raises(KeyboardInterrupt):

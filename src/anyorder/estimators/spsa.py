@@ -41,8 +41,12 @@ from anyorder.core.rng import (
     direction_chunks,
     flat_view,
 )
+from anyorder.estimators.restore import PerturbationGuard
 
-__all__ = ["SPSA", "SPSASample", "IndexedParams"]
+__all__ = ["SPSA", "SPSASample", "IndexedParams", "RESTORES"]
+
+#: How :meth:`SPSA.sample` restores the weights on an exception or a non-finite loss.
+RESTORES = ("compact", "arithmetic")
 
 #: ``(tensor index, parameter)`` pairs; the index keys the tensor's random direction.
 IndexedParams = Sequence[tuple[int, torch.Tensor]]
@@ -87,6 +91,11 @@ class SPSA:
         portable: draw every direction on the CPU (then move it), so that processes on any
             device type regenerate the same numbers; by default directions are drawn where the
             parameter lives, which is much faster on accelerators (CPU and CUDA streams differ).
+        restore: how :meth:`sample` puts the weights back when an evaluation raises or a loss is
+            non-finite: ``"compact"`` (default: bit for bit, keeping 2 bits per element and the
+            few elements the arithmetic restore cannot recover during the call, see
+            :mod:`anyorder.estimators.restore`) or ``"arithmetic"`` (MeZO's: the displacement is
+            subtracted again; no memory, exact only up to an ulp).
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class SPSA:
         one_sided: bool = False,
         seed: int = 0,
         portable: bool = False,
+        restore: str = "compact",
     ) -> None:
         if not isinstance(mu, (int, float)) or not mu > 0 or not math.isfinite(mu):
             raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
@@ -108,6 +118,9 @@ class SPSA:
             )
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if restore not in RESTORES:
+            raise ValueError(f"unknown restore {restore!r}; choose one of {', '.join(RESTORES)}")
+        self.restore_mode = restore
         self.mu = float(mu)
         self.n_queries = n_queries
         self.distribution = distribution
@@ -180,13 +193,21 @@ class SPSA:
         ``loss_at()`` returns the loss at the weights as they are when it is called. The weights
         are left displaced by ``pending * z_last`` (see :class:`SPSASample`). If a loss is not
         finite, the remaining queries are not evaluated. If ``loss_at`` raises (any exception,
-        ``KeyboardInterrupt`` included) the displacement is subtracted again before the exception
-        propagates; as in MeZO's own restore, that is exact up to the rounding of the additions
-        (a caller that needs the weights bit for bit keeps a copy, see ``ZOSGD(exact_restore=)``).
+        ``KeyboardInterrupt`` included) the weights are put back before the exception propagates.
+
+        With ``restore="compact"`` (the default) that restore is bit for bit
+        (:class:`anyorder.estimators.restore.PerturbationGuard`: 2 bits per element and a short
+        list of escapes, kept during the call), a non-finite loss is restored the same way inside
+        this call (the sample then has ``pending == 0``), and with ``n_queries > 1`` every query
+        starts from exactly the starting weights. With ``restore="arithmetic"`` (MeZO's restore,
+        no memory) the displacement is subtracted again, which is exact only up to the rounding
+        of the additions (an ulp for a few per cent of the elements), and later queries start
+        from the previous query's rounded restore.
         """
         mu, projected, losses = self.mu, [], []
         last = self.n_queries - 1
         shift = [0, 0.0]  # (query, displacement) the weights carry now
+        guard = PerturbationGuard(self, params, step) if self.restore_mode == "compact" else None
         try:
             base = loss_at() if self.one_sided else None
             if base is not None:
@@ -194,7 +215,10 @@ class SPSA:
                 if not math.isfinite(base):
                     return SPSASample(step, (), tuple(losses), 0.0)
             for q in range(self.n_queries):
-                self.perturb_(params, step, q, mu)
+                if guard is not None:
+                    guard.first_move_(q, mu, None if self.one_sided else -2 * mu)
+                else:
+                    self.perturb_(params, step, q, mu)
                 shift[:] = [q, mu]
                 plus = loss_at()
                 losses.append(plus)
@@ -203,20 +227,30 @@ class SPSA:
                     projected.append((plus - base) / mu)
                 else:
                     self.perturb_(params, step, q, -2 * mu)
+                    if guard is not None:
+                        guard.moved(-2 * mu)
                     shift[:] = [q, -mu]
                     minus = loss_at()
                     losses.append(minus)
                     pending = mu
                     projected.append((plus - minus) / (2 * mu))
                 if not math.isfinite(projected[-1]):
+                    if guard is not None:
+                        guard.restore()
+                        pending = 0.0
                     return SPSASample(step, tuple(projected), tuple(losses), pending)
                 if q != last:
-                    self.perturb_(params, step, q, pending)
+                    if guard is not None:
+                        guard.restore()
+                    else:
+                        self.perturb_(params, step, q, pending)
                     shift[:] = [q, 0.0]
         except BaseException:
-            # Any exception (KeyboardInterrupt included) inside an evaluation: take the
-            # displacement back out before it propagates (to the rounding of the subtraction).
-            if shift[1]:
+            # Any exception (KeyboardInterrupt included) inside an evaluation: put the weights
+            # back before it propagates (bit for bit with the guard, else to the rounding).
+            if guard is not None:
+                guard.restore()
+            elif shift[1]:
                 self.perturb_(params, step, int(shift[0]), -shift[1])
             raise
         return SPSASample(step, tuple(projected), tuple(losses), pending)

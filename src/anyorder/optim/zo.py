@@ -5,7 +5,10 @@
 ZO-Adam variant. Both evaluate the closure with ``backward=False`` under ``torch.no_grad()`` and
 never build an autograd graph. Memory beyond inference: ZOSGD keeps nothing (a momentum buffer if
 ``momentum > 0``), ZOAdam its two moment buffers; directions and estimates exist one chunk
-(:data:`anyorder.core.rng.CHUNK` elements) at a time.
+(:data:`anyorder.core.rng.CHUNK` elements) at a time. During a step the default exact restore
+(``restore="compact"``, :mod:`anyorder.estimators.restore`) keeps 2 bits per element and a short
+list of escapes, so that an exception in the closure or a non-finite loss leaves the weights bit
+for bit as they were (MeZO's own restore is exact only to an ulp).
 
 A step asked to train parameters flagged as freshly initialised (:mod:`anyorder.core.fresh`)
 warns once with :class:`~anyorder.core.fresh.FreshHeadWarning`: MeZO works only from a
@@ -31,7 +34,12 @@ from anyorder.estimators.spsa import SPSA, SPSASample, warn_if_mu_below_resoluti
 from anyorder.functional import adam_, sgd_
 from anyorder.optim._common import indexed_params
 
-__all__ = ["ZOSGD", "ZOAdam", "ZOProbeRecord"]
+__all__ = ["ZOSGD", "ZOAdam", "ZOProbeRecord", "ZO_RESTORES"]
+
+#: How a zeroth-order step puts the weights back when the closure raises or a loss is
+#: non-finite: ``"compact"`` (bit for bit, about 1/16 of float32 weights' memory during the
+#: step), ``"copy"`` (bit for bit, a full copy) or ``"arithmetic"`` (MeZO's, no memory, to an ulp).
+ZO_RESTORES = ("compact", "copy", "arithmetic")
 
 
 @dataclass(frozen=True)
@@ -67,17 +75,31 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
         on_nonfinite: str,
         portable_directions: bool,
         exact_restore: bool,
+        restore: str,
     ) -> None:
         if not isinstance(probe_every, int) or probe_every < 0:
             raise ValueError(f"probe_every must be an integer >= 0 (0: off), got {probe_every!r}")
+        if restore not in ZO_RESTORES:
+            raise ValueError(f"unknown restore {restore!r}; choose one of {', '.join(ZO_RESTORES)}")
+        if exact_restore:
+            restore = "copy"
         # The estimator validates mu, n_queries, distribution and seed.
-        self.estimator = SPSA(mu, n_queries, distribution, one_sided, seed, portable_directions)
+        self.estimator = SPSA(
+            mu,
+            n_queries,
+            distribution,
+            one_sided,
+            seed,
+            portable_directions,
+            restore="compact" if restore == "compact" else "arithmetic",
+        )
         super().__init__(params, defaults, on_nonfinite=on_nonfinite)
         self.probe_every = probe_every
         self.probes: list[ZOProbeRecord] = []
         self.last_sample: SPSASample | None = None
         self.global_state.update({"seed": seed, "updates": 0})
-        self.exact_restore = bool(exact_restore)
+        self.restore = restore
+        self.exact_restore = restore == "copy"
         self._checked_resolution = False
 
     # Tensor indices are positions over all param groups, so a frozen tensor keeps its key.
@@ -152,7 +174,7 @@ class _ZeroOrderOptimizer(AnyOrderOptimizer):
             warn_if_mu_below_resolution(pairs, self.estimator.mu)
             warn_if_fresh([p for _, p in pairs], type(self).__name__)
             self._checked_resolution = True
-        saved = [p.detach().clone() for _, p in pairs] if self.exact_restore else None
+        saved = [p.detach().clone() for _, p in pairs] if self.restore == "copy" else None
 
         def put_back() -> None:
             if saved is not None:
@@ -288,11 +310,18 @@ class ZOSGD(_ZeroOrderOptimizer):
             ``global_state["skipped_steps"]``) or ``"raise"``.
         portable_directions: draw directions on the CPU so that replicas on any device type
             agree (see :class:`anyorder.estimators.SPSA`); default: on the parameter's device.
-        exact_restore: keep a copy of the weights during each step, so that a step that raises
-            (any exception in the closure, ``KeyboardInterrupt`` included) or is skipped for a
-            non-finite loss puts them back bit for bit. Default off (MeZO keeps no copy): the
-            displacement ``mu z`` is subtracted again, which restores the weights up to the
-            rounding of the additions (at most an ulp or two per element), as MeZO's own restore.
+        restore: how a step that raises (any exception in the closure, ``KeyboardInterrupt``
+            included) or is skipped for a non-finite loss puts the weights back.
+            ``"compact"`` (default): bit for bit, from the low 2 bits of each element and the
+            few elements the arithmetic restore cannot recover (tiny and zero weights), kept
+            during the step only: ``numel / 4`` bytes (1/16 of float32 weights, 1/8 of
+            bfloat16 ones) plus 8-16 bytes per escape (:mod:`anyorder.estimators.restore`);
+            with ``n_queries > 1`` each query then starts from exactly the step's starting
+            weights. ``"copy"``: bit for bit from a full copy of the weights (2x their memory
+            during the step). ``"arithmetic"``: MeZO's restore, the displacement ``mu z``
+            subtracted again: no memory, exact up to the rounding of the additions (an ulp for
+            a few per cent of the elements after one move, about half after two).
+        exact_restore: ``True`` is ``restore="copy"`` (kept for compatibility).
 
     Weight decay applies to every tensor of a group, biases and normalisation weights included
     (MeZO's code skips those). To skip them, put them in a group of their own::
@@ -321,6 +350,7 @@ class ZOSGD(_ZeroOrderOptimizer):
         on_nonfinite: str = "skip",
         portable_directions: bool = False,
         exact_restore: bool = False,
+        restore: str = "compact",
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -336,6 +366,7 @@ class ZOSGD(_ZeroOrderOptimizer):
             on_nonfinite=on_nonfinite,
             portable_directions=portable_directions,
             exact_restore=exact_restore,
+            restore=restore,
         )
 
     def _fused_update(self, indexed, sample):
@@ -406,6 +437,7 @@ class ZOAdam(_ZeroOrderOptimizer):
         on_nonfinite: str = "skip",
         portable_directions: bool = False,
         exact_restore: bool = False,
+        restore: str = "compact",
     ) -> None:
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -423,6 +455,7 @@ class ZOAdam(_ZeroOrderOptimizer):
             on_nonfinite=on_nonfinite,
             portable_directions=portable_directions,
             exact_restore=exact_restore,
+            restore=restore,
         )
 
     def _buffers(self, p, group):

@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["rademacher_axpy_", "rademacher_axpy_many_", "available", "status"]
+__all__ = [
+    "rademacher_axpy_",
+    "rademacher_axpy_many_",
+    "rademacher_guard_",
+    "rademacher_unguard_",
+    "guard_applies",
+    "available",
+    "status",
+]
 
 _SOURCE = Path(__file__).with_name("rademacher.c")
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
@@ -119,6 +127,33 @@ def _load() -> ctypes.CDLL | None:
                         ctypes.c_void_p,
                     ]
                     many.restype = None
+                    guard = getattr(lib, name.replace("axpy", "guard"))
+                    guard.argtypes = [
+                        ctypes.c_void_p,
+                        ctypes.c_int64,
+                        ctypes.c_uint64,
+                        ctypes.c_int64,
+                        real,
+                        real,
+                        ctypes.c_int,
+                        real,
+                        real,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_int64,
+                        ctypes.c_void_p,
+                    ]
+                    guard.restype = ctypes.c_int64
+                    unguard = getattr(lib, name.replace("axpy", "unguard"))
+                    unguard.argtypes = [
+                        ctypes.c_void_p,
+                        ctypes.c_int64,
+                        ctypes.c_uint64,
+                        real,
+                        ctypes.c_void_p,
+                    ]
+                    unguard.restype = None
                 _state["why"] = f"compiled with {compiler}"
             except (OSError, RuntimeError, AttributeError) as exc:
                 lib = None
@@ -209,3 +244,80 @@ def rademacher_axpy_many_(
             for t in members:
                 _bump_version(flats[t])
     return rest
+
+
+#: Escape slots per call of the guard kernel (it stops early when they run short).
+_GUARD_SLOTS = 1 << 14
+
+
+def guard_applies(flat: torch.Tensor) -> bool:
+    """Whether :func:`rademacher_guard_` handles ``flat`` (the kernel's conditions)."""
+    return (
+        flat.dtype in _FUNCTIONS
+        and flat.device.type == "cpu"
+        and flat.dim() == 1
+        and flat.is_contiguous()
+        and _load() is not None
+    )
+
+
+def rademacher_guard_(
+    flat: torch.Tensor,
+    key: int,
+    alpha_1: float,
+    alpha_2: float | None,
+    shifts: list[float],
+    codes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first move of a query, ``flat += alpha_1 z``, fused with the analysis of
+    :class:`anyorder.estimators.restore.PerturbationGuard` (see ``rademacher.c``): writes the
+    2-bit codes into ``codes`` (if given) and returns the escapes ``(index, value)`` (``None``
+    if there are none). Only for tensors where :func:`guard_applies`."""
+    lib = _load()
+    name = _FUNCTIONS[flat.dtype].replace("axpy", "guard")
+    n = flat.numel()
+    slots = min(_GUARD_SLOTS, n + 64)
+    esc = torch.empty(slots, dtype=torch.int64)
+    vals = torch.empty(slots, dtype=flat.dtype)
+    found = ctypes.c_int64(0)
+    two = alpha_2 is not None
+    indices, values, done = [], [], 0
+    size = flat.element_size()
+    while done < n:
+        processed = getattr(lib, name)(
+            flat.data_ptr() + done * size,
+            n - done,
+            key,
+            done // 64,
+            alpha_1,
+            alpha_2 if two else 0.0,
+            int(two),
+            shifts[0],
+            shifts[1] if two else 0.0,
+            None if codes is None else codes.data_ptr() + done // 4,
+            esc.data_ptr(),
+            vals.data_ptr(),
+            slots,
+            ctypes.byref(found),
+        )
+        if found.value:
+            indices.append(esc[: found.value] + done)
+            values.append(vals[: found.value].clone())
+        done += processed
+    if _bump_version is not None and n:
+        _bump_version(flat)
+    if not indices:
+        return None
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    return torch.cat(indices).to(index_dtype), torch.cat(values)
+
+
+def rademacher_unguard_(flat: torch.Tensor, key: int, shift: float, codes: torch.Tensor) -> None:
+    """The exact restore's arithmetic part over ``flat`` (see ``rademacher.c``): each element
+    ``s`` becomes the number nearest ``s - shift z`` whose key has the saved low bits."""
+    n = flat.numel()
+    if n:
+        name = _FUNCTIONS[flat.dtype].replace("axpy", "unguard")
+        getattr(_load(), name)(flat.data_ptr(), n, key, shift, codes.data_ptr())
+        if _bump_version is not None:
+            _bump_version(flat)

@@ -89,3 +89,132 @@ static inline uint64_t mix64(uint64_t z) {
 
 DEFINE_KERNELS(f32, float, uint32_t, 31)
 DEFINE_KERNELS(f64, double, uint64_t, 63)
+
+/* Exact-restore guard (anyorder.estimators.restore): the first move of a query, w <- w + alpha1 z,
+ * fused with what an exact restore needs, computed while the original element w0 is at hand:
+ *   key(x): x's bit pattern made monotone in its value (negative patterns: magnitude bits
+ *           flipped), so one ulp is one key step across zero too;
+ *   codes:  the low two bits of key(w0), four per byte (written only if `codes` is not NULL);
+ *   escapes: elements for which the restore from a = w0 + alpha1 z (and, if `two`, from
+ *           b = a + alpha2 z) is more than one key step off key(w0); their index and w0 are
+ *           written to esc/vals.
+ * The restore from a state s carrying the displacement d z is r = s - z d in the weights' type
+ * (d is a float32 number for float32 weights, so this equals restore.py's float64 difference
+ * rounded to float32: the exact difference of two floats needs at most 53 bits unless their
+ * exponents are over 29 apart, where both give the larger operand), then the key nearest key(r)
+ * with the saved low bits. These are the operations of the torch path in restore.py, bit for
+ * bit (tested). The guard stops after the 64-element block at which fewer than 64
+ * escape slots would remain, and returns the number of elements it processed (*found: escapes). */
+#define DEFINE_GUARD(S, REAL, UINT, SINT, BITS)                                                 \
+    static inline UINT okey_##S(UINT u) { return u ^ (((UINT)0 - (u >> (BITS - 1))) >> 1); }    \
+                                                                                                 \
+    static inline UINT bits_##S(REAL x) {                                                        \
+        UINT u;                                                                                  \
+        memcpy(&u, &x, sizeof u);                                                                \
+        return u;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    static inline REAL real_##S(UINT u) {                                                        \
+        REAL x;                                                                                  \
+        memcpy(&x, &u, sizeof x);                                                                \
+        return x;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    /* Elements p[0..m) with signs from bits 0..m-1 of `bits` (sb: the sign bit to flip); a   \
+     * straight-line body (no branches, one width) so that it vectorises. flag[i] is 1 where a \
+     * restore would be more than one key step off (differences wrap as torch's int ops). */   \
+    static inline UINT guard_core_##S(REAL *p, UINT bits, int m, UINT a1, UINT a2, UINT d1,     \
+                                      UINT d2, int two, REAL *orig, UINT *flag, uint8_t *low) { \
+        UINT any = 0;                                                                            \
+        for (int i = 0; i < m; i++) {                                                            \
+            UINT sb = ((bits >> i) & 1u) << (BITS - 1);                                          \
+            REAL x = p[i];                                                                       \
+            UINT k0 = okey_##S(bits_##S(x));                                                     \
+            REAL a = x + real_##S(a1 ^ sb);                                                      \
+            orig[i] = x;                                                                         \
+            low[i] = (uint8_t)(k0 & 3u);                                                         \
+            p[i] = a;                                                                            \
+            UINT f = (UINT)(okey_##S(bits_##S(a - real_##S(d1 ^ sb))) - k0 + 1u) > 2u;           \
+            if (two) {                                                                           \
+                REAL b = a + real_##S(a2 ^ sb);                                                  \
+                f |= (UINT)(okey_##S(bits_##S(b - real_##S(d2 ^ sb))) - k0 + 1u) > 2u;           \
+            }                                                                                    \
+            flag[i] = f;                                                                         \
+            any |= f;                                                                            \
+        }                                                                                        \
+        return any;                                                                              \
+    }                                                                                            \
+                                                                                                 \
+    DISPATCH                                                                                     \
+    int64_t rademacher_guard_##S(REAL *w, int64_t n, uint64_t key, int64_t first_word,          \
+                                 REAL alpha1, REAL alpha2, int two, REAL d1, REAL d2,            \
+                                 uint8_t *codes, int64_t *esc, REAL *vals, int64_t cap,          \
+                                 int64_t *found) {                                               \
+        UINT a1 = bits_##S(alpha1), a2 = bits_##S(alpha2), e1 = bits_##S(d1), e2 = bits_##S(d2); \
+        int64_t count = 0, base = 0;                                                             \
+        REAL orig[64];                                                                           \
+        UINT flag[64];                                                                           \
+        uint8_t low[64];                                                                         \
+        const int half = BITS < 64 ? 32 : 64; /* sign bits per core call: lanes of one width */ \
+        for (; base < n && count + 64 <= cap; base += 64) {                                      \
+            uint64_t word = mix64(key + (uint64_t)(first_word + base / 64 + 1) * GAMMA);         \
+            int m = n - base < 64 ? (int)(n - base) : 64;                                        \
+            REAL *p = w + base;                                                                  \
+            UINT any = 0;                                                                        \
+            for (int h = 0; h < m; h += half) {                                                  \
+                int mh = m - h < half ? m - h : half;                                            \
+                UINT bits = (UINT)(word >> h);                                                   \
+                any |= two ? guard_core_##S(p + h, bits, mh, a1, a2, e1, e2, 1, orig + h,        \
+                                            flag + h, low + h)                                   \
+                           : guard_core_##S(p + h, bits, mh, a1, a2, e1, e2, 0, orig + h,        \
+                                            flag + h, low + h);                                  \
+            }                                                                                    \
+            if (any)                                                                             \
+                for (int i = 0; i < m; i++)                                                      \
+                    if (flag[i]) {                                                               \
+                        esc[count] = base + i;                                                   \
+                        vals[count] = orig[i];                                                   \
+                        count++;                                                                 \
+                    }                                                                            \
+            if (codes)                                                                           \
+                for (int q = 0; q < (m + 3) / 4; q++) {                                          \
+                    unsigned byte = 0;                                                           \
+                    for (int r = 0; r < 4 && 4 * q + r < m; r++)                                 \
+                        byte |= (unsigned)low[4 * q + r] << (2 * r);                             \
+                    codes[(base >> 2) + q] = (uint8_t)byte;                                      \
+                }                                                                                \
+        }                                                                                        \
+        *found = count;                                                                          \
+        return base < n ? base : n;                                                              \
+    }                                                                                            \
+                                                                                                 \
+    static inline void unguard_core_##S(REAL *p, UINT bits, int m, UINT d, const uint8_t *low) { \
+        for (int i = 0; i < m; i++) {                                                            \
+            UINT sb = ((bits >> i) & 1u) << (BITS - 1);                                          \
+            UINT k = okey_##S(bits_##S(p[i] - real_##S(d ^ sb)));                                \
+            k += (((UINT)low[i] - k + 1u) & 3u) - 1u;                                            \
+            p[i] = real_##S(okey_##S(k));                                                        \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    DISPATCH                                                                                     \
+    void rademacher_unguard_##S(REAL *w, int64_t n, uint64_t key, REAL d,                       \
+                                const uint8_t *codes) {                                          \
+        UINT e = bits_##S(d);                                                                    \
+        uint8_t low[64];                                                                         \
+        const int half = BITS < 64 ? 32 : 64;                                                    \
+        for (int64_t base = 0; base < n; base += 64) {                                           \
+            uint64_t word = mix64(key + (uint64_t)(base / 64 + 1) * GAMMA);                      \
+            int m = n - base < 64 ? (int)(n - base) : 64;                                        \
+            const uint8_t *c = codes + (base >> 2);                                              \
+            for (int i = 0; i < m; i++)                                                          \
+                low[i] = (uint8_t)((c[i >> 2] >> (2 * (i & 3))) & 3u);                           \
+            for (int h = 0; h < m; h += half) {                                                  \
+                int mh = m - h < half ? m - h : half;                                            \
+                unguard_core_##S(w + base + h, (UINT)(word >> h), mh, e, low + h);               \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+DEFINE_GUARD(f32, float, uint32_t, int32_t, 32)
+DEFINE_GUARD(f64, double, uint64_t, int64_t, 64)
