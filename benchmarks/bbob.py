@@ -21,13 +21,25 @@ Methods:
 * ``cma-es``: pycma's ``CMAEvolutionStrategy`` with its defaults (population 4 + 3 ln d), start
   uniform in [-4, 4]^d, step size 2 (COCO's customary setting);
 * ``cbo-50``: ``anyorder.cbo.minimize`` with 50 particles instead of 200, otherwise defaults;
-* ``zo-adam``: ``anyorder.zo.minimize(method="zo-adam")`` (SPSA with 8 directions a step,
-  ``lr=0.1``: a local method, for scale), start uniform in [-4, 4]^d.
+* ``zo-adam``: ``anyorder.zo.minimize(method="zo-adam")``'s rule (SPSA with 8 directions a step,
+  ``lr=0.1``: a local method, for scale), start uniform in [-4, 4]^d, its 16 evaluations a step
+  in one call (:func:`run_zo`; checked against ``zo.minimize`` at start-up);
+* ``--cbo NAME:key=value,...``: further ``cbo.minimize`` settings (the grid of BENCHMARKS.md).
 
-Reproduce (prints the table of BENCHMARKS.md, writes the JSON and the ECDF figure)::
+A run stops once the last target (1e-8) is reached, as COCO's ``final_target_hit``: nothing is
+left to measure. ``--jobs`` spreads the problems over processes; ``--merge`` reports JSON files
+written by earlier runs (e.g. one per dimension, with their own budgets) as one table and figure.
 
-    python benchmarks/bbob.py --dims 2 5 --instances 1 --budget 5000 \
-        --json bbob.json --png benchmarks/bbob_ecdf.png
+Reproduce (BENCHMARKS.md; the table is printed, the runs go to the JSON)::
+
+    python benchmarks/bbob.py --dims 2 5 10 --instances 1-3 --budget 5000 --jobs 2 \
+        --methods cbo cbo-0.8 cbo-50 cbxpy cma-es zo-adam cbo-100 cbo-n20d cbo-s1.0 cbo-sd \
+        cbo-a1.005 cbo-a1.02 cbo-b10 --cbo "cbo-100:n_particles=100" \
+        "cbo-n20d:n_particles=20*d" "cbo-s1.0:sigma=1.0" "cbo-sd:sigma=min(1.3,2.9/sqrt(d))" \
+        "cbo-a1.005:alpha_factor=1.005" "cbo-a1.02:alpha_factor=1.02" "cbo-b10:batch_size=10" \
+        --json bbob_2_5_10.json
+    python benchmarks/bbob.py --dims 20 --budget 2000 ... --json bbob_20.json   # same methods
+    python benchmarks/bbob.py --merge bbob_2_5_10.json bbob_20.json --png benchmarks/bbob_ecdf.png
 
 Needs ``pip install coco-experiment cma cbx`` (benchmark-only).
 """
@@ -40,6 +52,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -249,10 +262,11 @@ METHODS: dict[str, Callable[[Recorder, int, int], None]] = {
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:key=value,key=value`` -> a CBO variant (values read as Python literals; ``sigma``
-    may be an expression in the dimension ``d``, e.g. ``1.3*sqrt(5/d)``)."""
+    may be an expression in the dimension ``d``, e.g. ``1.3*sqrt(5/d)``; ``seed_offset=k`` runs
+    the same settings with other seeds)."""
     name, _, rest = text.partition(":")
     settings: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=\w+=)", rest)):
         key, _, value = item.partition("=")
         settings[key] = value if "d" in value else ast.literal_eval(value)
     return name, settings
@@ -262,7 +276,8 @@ def cbo_variant(settings: dict[str, Any]) -> Callable[[Recorder, int, int], None
     def run(rec: Recorder, d: int, seed: int) -> None:
         per_d = {k: eval(v, {"sqrt": math.sqrt, "d": d}) if isinstance(v, str) else v
                  for k, v in settings.items()}  # fmt: skip
-        run_cbo(rec, d, seed, **per_d)
+        offset = per_d.pop("seed_offset", 0)  # other seeds: the spread between repeats
+        run_cbo(rec, d, seed + 100 * offset, **per_d)
 
     return run
 
