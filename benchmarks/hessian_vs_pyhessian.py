@@ -86,6 +86,162 @@ def tanh_mlp() -> nn.Module:
     )
 
 
+class _ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.na, self.nb = nn.BatchNorm2d(c, momentum=None), nn.BatchNorm2d(c, momentum=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.nb(self.b(F.relu(self.na(self.a(x))))))
+
+
+class ResBNCNN(nn.Module):
+    """A residual CNN with BatchNorm: conv 1-16, BN, one residual block of two 16-channel convs
+    with BN, max-pool, linear; 7,466 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=None)
+        self.block = _ResBlock(16)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm(self.stem(x.view(-1, 1, 8, 8))))
+        return self.fc(F.max_pool2d(self.block(x), 2).flatten(1))
+
+
+def resbn_cnn() -> nn.Module:
+    """A fifth model (issue 13), not one the stop rule was chosen on: :class:`ResBNCNN` at
+    initialisation, its BatchNorm running statistics taken over the digits training split (one
+    pass in train mode, cumulative average); analysed in eval mode, as PyHessian does."""
+    torch.manual_seed(2)
+    model = ResBNCNN()
+    x, _ = digits()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model
+
+
+class ResMLP(nn.Module):
+    """64-128, one residual block of two 128-128 linear layers with SiLU, 128-10; 42,634
+    parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b = nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 128)
+        self.out = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.inp(x))
+        h = F.silu(h + self.b(F.silu(self.a(h))))
+        return self.out(h)
+
+
+def trained_resmlp() -> nn.Module:
+    """A sixth model (issue 13), not one the stop rule was chosen on, and trained (the other
+    five are at initialisation): :class:`ResMLP` after 300 SGD steps (lr 0.05, momentum 0.9,
+    batches of 64 drawn from a fixed generator) on the digits training split."""
+    torch.manual_seed(3)
+    model = ResMLP()
+    x, y = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(300):
+        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model
+
+
+def hvp_costs(model: nn.Module, batch: Any, repeats: int) -> dict[str, float]:
+    """Milliseconds per Hessian-vector product on the whole batch, the ways interleaved, each the
+    median of ``repeats`` rounds of 5 products: anyorder's ``Hessian.matvec`` (reverse over
+    reverse on a cached gradient graph), PyHessian's ``hessian_vector_product`` on its own
+    ``backward(create_graph=True)`` graph, forward over reverse by ``torch.func.jvp`` of
+    ``torch.func.grad`` and by ``torch.autograd.forward_ad`` (no graph to reuse: a forward and a
+    backward pass with tangents per product); also the one-off graph building of the first two."""
+    import torch.autograd.forward_ad as fwAD
+    from pyhessian.utils import hessian_vector_product
+    from torch.func import functional_call, grad, jvp
+
+    model.eval()
+    x, y = batch
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    detached = {n: p.detach() for n, p in zip(names, params)}
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(p.shape, generator=gen) for p in params]
+    flat = torch.cat([t.reshape(-1) for t in v])
+
+    def loss_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    grad_fn = grad(loss_of)
+
+    def forward_ad() -> list[torch.Tensor]:
+        with fwAD.dual_level():
+            dual = {n: fwAD.make_dual(detached[n], t).requires_grad_() for n, t in zip(names, v)}
+            g = torch.autograd.grad(loss_of(dual), list(dual.values()))
+            return [fwAD.unpack_dual(t).tangent for t in g]
+
+    def build_ours() -> Any:
+        op = Hessian(model, F.cross_entropy, batch)
+        op.gradient()  # builds and caches the graph, as eigenvalues' start does
+        return op
+
+    def build_pyhessian() -> Any:
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(x), y).backward(create_graph=True)
+        return [p.grad for p in params]
+
+    op, grads_h = build_ours(), build_pyhessian()
+    reference = torch.cat([t.reshape(-1) for t in hessian_vector_product(grads_h, params, v)])
+    ways: dict[str, Callable[[], Any]] = {
+        "anyorder matvec": lambda: op.matvec(flat),
+        "pyhessian hvp": lambda: hessian_vector_product(grads_h, params, v),
+        "torch.func jvp(grad)": lambda: jvp(grad_fn, (detached,), (dict(zip(names, v)),)),
+        "forward_ad over backward": forward_ad,
+    }
+    try:
+        check = torch.cat([t.reshape(-1) for t in forward_ad()])
+        agree: float | None = float((check - reference).norm() / reference.norm())
+    except NotImplementedError as err:  # e.g. silu_backward has no forward derivative
+        print(f"forward_ad: {str(err).splitlines()[0]}")
+        del ways["forward_ad over backward"]
+        agree = None
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    setup: dict[str, list[float]] = {"anyorder graph": [], "pyhessian graph": []}
+    for _ in range(repeats):
+        for label, run in ways.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                run()
+            times[label].append((time.perf_counter() - t0) / 5)
+        for label, build in (("anyorder graph", build_ours), ("pyhessian graph", build_pyhessian)):
+            t0 = time.perf_counter()
+            built = build()
+            setup[label].append(time.perf_counter() - t0)
+            if label == "anyorder graph":
+                op = built
+            else:
+                grads_h = built
+    for p in params:
+        p.grad = None
+    model.train()
+    out = {k: 1e3 * statistics.median(t) for k, t in {**times, **setup}.items()}
+    base = out["pyhessian hvp"]
+    print("   ".join(f"{k} {ms:.1f} ms ({ms / base:.2f}x)" for k, ms in out.items()), flush=True)
+    if agree is not None:
+        print(f"forward_ad vs reverse over reverse: rel. difference {agree:.1e}", flush=True)
+    return {**out, "forward_ad_rel_diff": agree}
+
+
 def top1_sweep(
     model: nn.Module, batch: Any, tols: list[float], seeds: int, repeats: int
 ) -> list[dict[str, Any]]:
@@ -534,7 +690,11 @@ def main() -> None:
         "--trace99-seeds", type=int, default=10, help="seeds of the 99-product trace rows"
     )
     parser.add_argument(
-        "--models", nargs="+", choices=("mlp", "cnn", "gelu", "tanh"), default=["mlp", "cnn"]
+        "--models", nargs="+", choices=("mlp", "cnn", "gelu", "tanh", "resbn", "resmlp"),
+        default=["mlp", "cnn"],
+    )
+    parser.add_argument(
+        "--hvp", action="store_true", help="only the cost of one Hessian-vector product, per way"
     )
     parser.add_argument(
         "--top1-tols", type=float, nargs="+",
@@ -553,7 +713,20 @@ def main() -> None:
         "cnn": ("CNN 16-32 conv", cnn),
         "gelu": ("MLP 64-160-160-64-10 GELU", gelu_mlp),
         "tanh": ("MLP 64-200-150-10 tanh", tanh_mlp),
+        "resbn": ("residual CNN with BatchNorm (eval)", resbn_cnn),
+        "resmlp": ("residual SiLU MLP, trained 300 steps", trained_resmlp),
     }
+    if args.hvp:
+        for key in args.models:
+            label, make = models[key]
+            model = make()
+            n = sum(p.numel() for p in model.parameters())
+            print(f"\n== {label}: {n} parameters, one product ==", flush=True)
+            results[key] = hvp_costs(model, (x, y), args.repeats)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args.top1_tols:
         for key in args.models:
             label, make = models[key]
