@@ -114,7 +114,8 @@ class _System:
         self.matvec = matvec
         self.method = method
         self.spec = spec
-        self.shapes = [t.shape for t in leaves]
+        self.shapes = [tuple(t.shape) for t in leaves]
+        self._flat_tuple = spec == ("tuple", (None,) * len(leaves))
         self.sizes = [t.numel() for t in leaves]
         self.dtype = first.dtype
         self.device = first.device
@@ -129,19 +130,32 @@ class _System:
         return torch.cat([t.detach().reshape(-1) for t in leaves])
 
     def tree(self, vec: torch.Tensor) -> Any:
+        if self._flat_tuple and len(self.sizes) == 1:
+            return (vec.view(self.shapes[0]),)
         if len(self.sizes) == 1:
             return tree_unflatten(self.spec, [vec.view(self.shapes[0])])
         parts = torch.split(vec, self.sizes)
         return tree_unflatten(self.spec, [p.view(s) for p, s in zip(parts, self.shapes)])
 
     def flatten_like_b(self, tree: Any, what: str) -> torch.Tensor:
+        if self._flat_tuple and type(tree) is tuple and len(tree) == len(self.shapes):
+            # The hot path of every product (the implicit layer passes flat tuples): the same
+            # checks as below, without walking the tree generically.
+            ok = True
+            for t, shape in zip(tree, self.shapes):
+                if not (isinstance(t, torch.Tensor) and t.dtype == self.dtype
+                        and tuple(t.shape) == shape):
+                    ok = False
+                    break
+            if ok:
+                return self.flat(list(tree))
         leaves, spec = tree_flatten(tree, what)
         if spec != self.spec:
             raise ValueError(
                 f"{what} must have b's structure {describe(self.spec)}, got {describe(spec)}"
             )
         for t, shape in zip(leaves, self.shapes):
-            if t.shape != shape:
+            if tuple(t.shape) != shape:
                 raise ValueError(
                     f"{what} must have b's shapes {[tuple(s) for s in self.shapes]}, got "
                     f"{[tuple(x.shape) for x in leaves]}"
