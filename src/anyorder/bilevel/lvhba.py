@@ -49,13 +49,14 @@ class LVHBA(BilevelOptimizer):
     the ``lam`` step at ``theta+`` (the paper's PDF was not available offline to quote).
 
     Step sizes: the analysis is two-time-scale: ``(theta, lam)`` track the inner min-max point
-    faster than ``(x, y)`` move. Along a direction where ``f`` is flat, ``e = y - theta``
-    follows ``e <- (1 + (alpha_y - eta) / gamma1) e`` (``y`` is pushed away from ``theta`` by
-    the ``- v`` term at ``alpha_y / gamma1`` per step, ``theta`` follows at ``eta / gamma1``),
-    so ``alpha_y > eta`` diverges geometrically: that is why LV-HBA diverged on MNIST
-    hyper-cleaning with ``inner_lr`` 1.0 and ``theta_lr`` 0.5 (``||y||^2`` grew 8% per step
-    until the constraint switched on, ``lam`` jumped and the ``theta`` step blew up at step
-    ~57). A ``y`` step above ``eta`` warns (:class:`LVHBAStepWarning`) at construction, and a
+    faster than ``(x, y)`` move. Along a direction where ``f``, ``g`` and ``F`` are flat,
+    ``e = y - theta`` follows ``e <- (1 + alpha_y / gamma1)(1 - eta / gamma1) e`` (``theta``
+    moves towards ``y`` by ``eta / gamma1``, then the ``- v`` term pushes ``y`` away from
+    ``theta+`` by ``alpha_y / gamma1``), which grows geometrically once
+    ``alpha_y (1 - eta / gamma1) > eta``: that is why LV-HBA diverged on MNIST hyper-cleaning
+    with ``inner_lr`` 1.0, ``theta_lr`` 0.5, ``gamma1`` 10 (factor 1.045 per step: ``||y||^2``
+    grew 9% per step until the constraint switched on, ``lam`` jumped and the ``theta`` step
+    blew up at step ~57). Such settings warn (:class:`LVHBAStepWarning`) at construction, and a
     step that meets a non-finite value says which settings break these conditions.
 
     Closures: ``outer_loss()`` is ``F``, ``inner_loss()`` is ``f`` and ``constraint()`` returns
@@ -112,9 +113,9 @@ class LVHBA(BilevelOptimizer):
         if project is not None and not callable(project):
             raise TypeError(f"project must be callable(x, y) or None, got {type(project).__name__}")
         self.project = project
-        if self.inner_lr is not None and self.inner_lr > self.theta_lr:
+        if self._conditions():
             warnings.warn(
-                f"LVHBA: {self._conditions()[0]}", LVHBAStepWarning, stacklevel=2
+                "LVHBA: " + "; ".join(self._conditions()), LVHBAStepWarning, stacklevel=2
             )
 
     def _conditions(self) -> list[str]:
@@ -123,11 +124,13 @@ class LVHBA(BilevelOptimizer):
             self.param_groups[0]["lr"])
         name = "inner_lr" if self.inner_lr is not None else "lr (used for y: inner_lr=None)"
         out = []
-        if alpha_y > self.theta_lr:
+        factor = (1 + alpha_y / self.gamma1) * (1 - self.theta_lr / self.gamma1)
+        if factor > 1.0:
             out.append(
-                f"the y step {name}={alpha_y:g} exceeds theta_lr={self.theta_lr:g}: y - theta "
-                f"grows by 1 + ({alpha_y:g} - {self.theta_lr:g}) / gamma1 per step where f is "
-                "flat (take inner_lr <= theta_lr)"
+                f"the y step {name}={alpha_y:g} is too large for theta_lr={self.theta_lr:g} "
+                f"and gamma1={self.gamma1:g}: y - theta grows by (1 + {alpha_y:g}/gamma1)"
+                f"(1 - {self.theta_lr:g}/gamma1) = {factor:.4g} per step where f is flat "
+                "(take inner_lr <= theta_lr)"
             )
         if self.theta_lr / self.gamma1 >= 2.0:
             out.append(f"theta_lr / gamma1 = {self.theta_lr / self.gamma1:g} >= 2 (the theta "
