@@ -177,7 +177,7 @@ def ref_lvhba(steps, alpha, eta, beta, g1, g2, c, p, zmax, proj):
     for k in range(steps):
         ck = c * (k + 1) ** p
         th_new = th - eta * (grad(lag, 1)(x, th, lam) + (th - y) / g1)
-        lam_new = torch.clamp(lam + eta * (Gcon(x, th_new) - (lam - z) / g2), min=0)
+        lam_new = torch.clamp(lam + eta * (Gcon(x, th) - (lam - z) / g2), min=0)
         dx = fx(x, y) / ck + gx(x, y) - grad(lag, 0)(x, th_new, lam_new)
         dy = fy(x, y) / ck + gy(x, y) - (y - th_new) / g1
         dz = (z - lam_new) / g2

@@ -20,7 +20,10 @@ from anyorder.bilevel.aid import AID
 from anyorder.bilevel.borep import BOREP
 from anyorder.bilevel.bsvrb import BSVRB
 from anyorder.bilevel.itd import ITD
-from anyorder.bilevel.lvhba import LVHBA
+from anyorder.bilevel.lvhba import LVHBA, LVHBAStepWarning
 from anyorder.bilevel.penalty import Penalty
 
-__all__ = ["BilevelOptimizer", "MixedHessian", "AID", "ITD", "Penalty", "BOREP", "LVHBA", "BSVRB"]
+__all__ = [
+    "BilevelOptimizer", "MixedHessian", "AID", "ITD", "Penalty", "BOREP", "LVHBA", "LVHBAStepWarning",
+    "BSVRB",
+]

@@ -4,7 +4,9 @@ gradient on the adjoint system.
 Pedregosa, "Hyperparameter optimization with approximate gradient" (ICML 2016); Ghadimi & Wang,
 "Approximation Methods for Bilevel Programming" (2018); Ji, Yang & Liang, "Bilevel
 Optimization: Convergence Analysis and Enhanced Design" (ICML 2021, AID-BiO with warm starts).
-The CG is :func:`anyorder.implicit.linear_solve.solve_cg`.
+The CG is :func:`anyorder.implicit.linear_solve.solve_cg`; MINRES
+(:func:`~anyorder.implicit.linear_solve.solve_minres`) is offered for an inner Hessian that is not
+positive definite (``adjoint=``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 import torch
 
 from anyorder.bilevel._base import BilevelOptimizer, check_int, check_positive
-from anyorder.implicit.linear_solve import solve_cg
+from anyorder.implicit.linear_solve import solve_cg, solve_minres
+
+ADJOINTS = ("cg", "minres", "auto")
 
 __all__ = ["AID"]
 
@@ -27,7 +31,7 @@ class AID(BilevelOptimizer):
     One step (warm starts: ``y`` and ``v`` continue from the previous step; ``v_{-1} = 0``):
 
         y <- y - alpha grad_y G(x, y)                          T times (``inner_steps``)
-        v  = CG on  d^2_yy G(x, y) v = grad_y F(x, y)  from v_{k-1}
+        v  = CG (or MINRES) on  d^2_yy G(x, y) v = grad_y F(x, y)  from v_{k-1}
              (at most ``cg_maxiter`` products, stop at ||r|| <= max(cg_rtol ||b||, cg_atol))
         h  = grad_x F(x, y) - d^2_xy G(x, y) v
         x <- x - lr h
@@ -39,7 +43,15 @@ class AID(BilevelOptimizer):
     Args:
         lr: outer step (per group); inner_lr: ``alpha``; inner_steps: ``T`` (``0`` allowed: a
             single-loop variant); cg_maxiter, cg_rtol, cg_atol: the adjoint solve;
-        warm_start_adjoint: start CG from the last ``v`` (default) or from 0.
+        warm_start_adjoint: start CG from the last ``v`` (default) or from 0;
+        adjoint: the solver of the adjoint system. ``"cg"`` (default) assumes the inner
+            Hessian positive definite (a strongly convex inner problem) and refuses, with a
+            ``ValueError`` (the step rolled back), when CG meets a search direction of
+            curvature ``p^T H p <= 0``: the inner Hessian is then not positive definite (an MLP
+            inner problem away from a minimum, a saddle) and CG's answer would be meaningless.
+            ``"minres"`` (Paige and Saunders) solves symmetric indefinite systems; ``"auto"``
+            runs CG and re-solves that step's system with MINRES (same budget, from the same
+            start) when CG meets such a direction; ``last_solve["method"]`` says which ran.
 
     State: ``v`` (like ``inner``).
     """
@@ -56,6 +68,7 @@ class AID(BilevelOptimizer):
         cg_rtol: float = 1e-6,
         cg_atol: float = 0.0,
         warm_start_adjoint: bool = True,
+        adjoint: str = "cg",
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
@@ -68,6 +81,9 @@ class AID(BilevelOptimizer):
         if not isinstance(warm_start_adjoint, bool):
             raise TypeError("warm_start_adjoint must be a bool")
         self.warm_start_adjoint = warm_start_adjoint
+        if adjoint not in ADJOINTS:
+            raise ValueError(f"adjoint must be one of {', '.join(ADJOINTS)}, got {adjoint!r}")
+        self.adjoint = adjoint
         self.last_solve: dict[str, Any] | None = None
 
     def _step(self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]) -> torch.Tensor:
@@ -79,15 +95,20 @@ class AID(BilevelOptimizer):
         hess = self.mixed(inner_loss)
         try:
             x0 = st.get("v") if self.warm_start_adjoint else None
-            res = solve_cg(
-                hess.hyy,
-                fy,
-                x0=x0,
-                rtol=self.cg_rtol,
-                atol=self.cg_atol,
-                maxiter=self.cg_maxiter,
-                warn=False,
-            )
+            opts = {"rtol": self.cg_rtol, "atol": self.cg_atol, "maxiter": self.cg_maxiter,
+                    "warn": False}
+            solver = solve_minres if self.adjoint == "minres" else solve_cg
+            res = solver(hess.hyy, fy, x0=x0, **opts)
+            if res.indefinite_curvature is not None:
+                if self.adjoint == "cg":
+                    raise ValueError(
+                        f"AID: the inner Hessian d^2G/dy^2 at the current (x, y) is not positive "
+                        f"definite (CG met a direction p with p^T H p = "
+                        f"{res.indefinite_curvature:.3e} <= 0 at step "
+                        f"{self.global_state['step']}), so CG's adjoint would be meaningless; "
+                        "pass adjoint='minres' (symmetric indefinite) or adjoint='auto'"
+                    )
+                res = solve_minres(hess.hyy, fy, x0=x0, **opts)
             v = [t.detach().clone() for t in res.solution]
             self.check_finite(v)
             hxv, _ = hess.products(v, retain=False)

@@ -3,14 +3,21 @@ Value function Approach and Hessian-free Algorithm" (ICLR 2024)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from anyorder.bilevel._base import BilevelOptimizer, check_positive
+from anyorder.bilevel._base import BilevelOptimizer, _evaluate, check_positive
+from anyorder.core.base import NonFiniteLossError
+from anyorder.curvature.hvp import grads_or_zeros
 
-__all__ = ["LVHBA"]
+__all__ = ["LVHBA", "LVHBAStepWarning"]
+
+
+class LVHBAStepWarning(RuntimeWarning):
+    """LV-HBA's step sizes break a stability condition (the message says which)."""
 
 Projection = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
 
@@ -27,7 +34,7 @@ class LVHBA(BilevelOptimizer):
 
         theta+ = theta - eta (grad_y f(x, theta) + sum_i lam_i grad_y g_i(x, theta)
                               + (theta - y) / gamma1)
-        lam+   = max(0, lam + eta (g(x, theta+) - (lam - z) / gamma2))
+        lam+   = max(0, lam + eta (g(x, theta) - (lam - z) / gamma2))
         d_x = grad_x F(x, y) / c_k + grad_x f(x, y) - grad_x f(x, theta+)
               - sum_i lam+_i grad_x g_i(x, theta+)
         d_y = grad_y F(x, y) / c_k + grad_y f(x, y) - (y - theta+) / gamma1
@@ -36,7 +43,21 @@ class LVHBA(BilevelOptimizer):
         z      <- min(max(z - beta d_z, 0), z_max)
 
     No Hessians: only gradients of ``F``, ``f`` and ``g``. ``theta`` starts at ``y``, ``lam`` and
-    ``z`` at 0.
+    ``z`` at 0. ``(theta, lam)`` take one joint projected gradient descent-ascent step from the
+    same point ``(theta, lam)`` (``g`` at the old ``theta``), as in both of the authors'
+    reference scripts (toy example and data cleaning); an earlier version of this class took
+    the ``lam`` step at ``theta+`` (the paper's PDF was not available offline to quote).
+
+    Step sizes: the analysis is two-time-scale: ``(theta, lam)`` track the inner min-max point
+    faster than ``(x, y)`` move. Along a direction where ``f``, ``g`` and ``F`` are flat,
+    ``e = y - theta`` follows ``e <- (1 + alpha_y / gamma1)(1 - eta / gamma1) e`` (``theta``
+    moves towards ``y`` by ``eta / gamma1``, then the ``- v`` term pushes ``y`` away from
+    ``theta+`` by ``alpha_y / gamma1``), which grows geometrically once
+    ``alpha_y (1 - eta / gamma1) > eta``: that is why LV-HBA diverged on MNIST hyper-cleaning
+    with ``inner_lr`` 1.0, ``theta_lr`` 0.5, ``gamma1`` 10 (factor 1.045 per step: ``||y||^2``
+    grew 9% per step until the constraint switched on, ``lam`` jumped and the ``theta`` step
+    blew up at step ~57). Such settings warn (:class:`LVHBAStepWarning`) at construction, and a
+    step that meets a non-finite value says which settings break these conditions.
 
     Closures: ``outer_loss()`` is ``F``, ``inner_loss()`` is ``f`` and ``constraint()`` returns
     ``g(x, y)`` as a tensor of ``l`` values (any shape, flattened), feasible where ``<= 0``; it is
@@ -92,6 +113,35 @@ class LVHBA(BilevelOptimizer):
         if project is not None and not callable(project):
             raise TypeError(f"project must be callable(x, y) or None, got {type(project).__name__}")
         self.project = project
+        if self._conditions():
+            warnings.warn(
+                "LVHBA: " + "; ".join(self._conditions()), LVHBAStepWarning, stacklevel=2
+            )
+
+    def _conditions(self) -> list[str]:
+        """The simple stability conditions the current step sizes break (see the class doc)."""
+        alpha_y = self.inner_lr if self.inner_lr is not None else float(
+            self.param_groups[0]["lr"])
+        name = "inner_lr" if self.inner_lr is not None else "lr (used for y: inner_lr=None)"
+        out = []
+        factor = (1 + alpha_y / self.gamma1) * (1 - self.theta_lr / self.gamma1)
+        if factor > 1.0:
+            out.append(
+                f"the y step {name}={alpha_y:g} is too large for theta_lr={self.theta_lr:g} "
+                f"and gamma1={self.gamma1:g}: y - theta grows by (1 + {alpha_y:g}/gamma1)"
+                f"(1 - {self.theta_lr:g}/gamma1) = {factor:.4g} per step where f is flat "
+                "(take inner_lr <= theta_lr)"
+            )
+        if self.theta_lr / self.gamma1 >= 2.0:
+            out.append(f"theta_lr / gamma1 = {self.theta_lr / self.gamma1:g} >= 2 (the theta "
+                       "step overshoots its proximal term)")
+        if self.theta_lr / self.gamma2 >= 2.0:
+            out.append(f"theta_lr / gamma2 = {self.theta_lr / self.gamma2:g} >= 2 (the lam "
+                       "step overshoots its proximal term)")
+        if self.z_lr / self.gamma2 >= 2.0:
+            out.append(f"z_lr / gamma2 = {self.z_lr / self.gamma2:g} >= 2 (the z step "
+                       "overshoots)")
+        return out
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -109,6 +159,17 @@ class LVHBA(BilevelOptimizer):
         self._constraint = constraint
         try:
             return super().step(inner_loss, outer_loss)
+        except NonFiniteLossError as err:
+            broken = self._conditions()
+            lam = self.bstate.get("lam")
+            why = (
+                "step sizes that break LV-HBA's stability conditions: " + "; ".join(broken)
+                if broken
+                else "no simple step-size condition is broken; the curvature of f + lam^T g "
+                f"(lam max {float(lam.max()) if lam is not None and lam.numel() else 0:.3g}) "
+                f"may exceed 2 / theta_lr = {2 / self.theta_lr:.3g}: lower theta_lr"
+            )
+            raise NonFiniteLossError(f"{err}. Likely cause: {why}") from None
         finally:
             self._constraint = None
 
@@ -140,20 +201,24 @@ class LVHBA(BilevelOptimizer):
         def lagrangian(weights: torch.Tensor) -> Callable[[], torch.Tensor]:
             return lambda: inner_loss() + (weights * self._g()).sum()
 
+        # One joint step of (theta, lam) from (theta, lam), g at the old theta:
         # theta+ = theta - eta (grad_y [f + lam^T g](x, theta) + (theta - y) / gamma1)
+        # lam+   = max(0, lam + eta (g(x, theta) - (lam - z) / gamma2))
         with self.at(y, theta):
-            _, d_theta = self.grad(lagrangian(lam), y, "inner_loss + lam^T constraint")
+            with torch.enable_grad():
+                g_theta = self._g()
+                loss = _evaluate(inner_loss, "inner_loss") + (lam * g_theta).sum()
+                d_theta = [t.detach() for t in grads_or_zeros(
+                    torch.autograd.grad(loss, y, allow_unused=True), y)]
+            g_theta = g_theta.detach()
+            self.check_finite([loss.detach(), g_theta, *d_theta])
         with torch.no_grad():
             prox = torch._foreach_sub(theta, [t.detach() for t in y])
             torch._foreach_add_(d_theta, prox, alpha=1.0 / self.gamma1)
             new_theta = torch._foreach_add(theta, d_theta, alpha=-self.theta_lr)
-        self.check_finite(new_theta)
-        # lam+ = max(0, lam + eta (g(x, theta+) - (lam - z) / gamma2))
+        lam_new = _lam_step(lam, z, g_theta, self.theta_lr, self.gamma2)
+        self.check_finite([*new_theta, lam_new])
         with self.at(y, new_theta):
-            with torch.enable_grad():
-                g_theta = self._g().detach()
-            lam_new = _lam_step(lam, z, g_theta, self.theta_lr, self.gamma2)
-            self.check_finite([lam_new, g_theta])
             # grad_x [f + lam+^T g](x, theta+)
             _, gx_theta = self.grad(lagrangian(lam_new), x, "inner_loss + lam^T constraint")
         f_up, fx, fy = self.grad_xy(outer_loss, "outer_loss")

@@ -203,6 +203,7 @@ def _solve_systems(
             converged=res.converged,
             tolerance=res.tolerance,
             method=res.method,
+            indefinite_curvature=getattr(res, "indefinite_curvature", None),
         )
         out.append(tuple(res.solution))
     return out

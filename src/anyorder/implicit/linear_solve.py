@@ -72,7 +72,10 @@ class LinearSolveResult:
     """A linear solve's outcome: ``solution`` (same structure as ``b``), ``residual_norm``
     (``||b - A x||`` recomputed from ``solution``), ``iterations`` (products with ``A`` used, all
     counted), ``converged`` (``residual_norm <= tolerance``), the ``tolerance`` it was held to
-    (``max(rtol * ||b||, atol)``) and the ``method``."""
+    (``max(rtol * ||b||, atol)``), the ``method``, and for CG ``indefinite_curvature``: the first
+    curvature ``p^T A p`` of a search direction that was zero or of the other sign than the
+    first direction's (``A`` is then not definite and CG stops there; ``None`` when none was
+    met)."""
 
     solution: Any
     residual_norm: float
@@ -80,6 +83,7 @@ class LinearSolveResult:
     converged: bool
     tolerance: float = 0.0
     method: str = ""
+    indefinite_curvature: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The statistics as a JSON-ready dict (the solution is left out)."""
@@ -89,6 +93,7 @@ class LinearSolveResult:
             "converged": self.converged,
             "tolerance": self.tolerance,
             "method": self.method,
+            "indefinite_curvature": self.indefinite_curvature,
         }
 
 
@@ -114,7 +119,8 @@ class _System:
         self.matvec = matvec
         self.method = method
         self.spec = spec
-        self.shapes = [t.shape for t in leaves]
+        self.shapes = [tuple(t.shape) for t in leaves]
+        self._flat_tuple = spec == ("tuple", (None,) * len(leaves))
         self.sizes = [t.numel() for t in leaves]
         self.dtype = first.dtype
         self.device = first.device
@@ -122,6 +128,8 @@ class _System:
         self.n = self.b.numel()
         self.count = 0
         self.precond: Matvec | None = None
+        self.curvature_sign = 0.0  # CG: the sign of the first p^T A p
+        self.indefinite: float | None = None  # CG: a p^T A p of the wrong sign (or zero)
 
     def flat(self, leaves: list[torch.Tensor]) -> torch.Tensor:
         if len(leaves) == 1:
@@ -129,19 +137,32 @@ class _System:
         return torch.cat([t.detach().reshape(-1) for t in leaves])
 
     def tree(self, vec: torch.Tensor) -> Any:
+        if self._flat_tuple and len(self.sizes) == 1:
+            return (vec.view(self.shapes[0]),)
         if len(self.sizes) == 1:
             return tree_unflatten(self.spec, [vec.view(self.shapes[0])])
         parts = torch.split(vec, self.sizes)
         return tree_unflatten(self.spec, [p.view(s) for p, s in zip(parts, self.shapes)])
 
     def flatten_like_b(self, tree: Any, what: str) -> torch.Tensor:
+        if self._flat_tuple and type(tree) is tuple and len(tree) == len(self.shapes):
+            # The hot path of every product (the implicit layer passes flat tuples): the same
+            # checks as below, without walking the tree generically.
+            ok = True
+            for t, shape in zip(tree, self.shapes):
+                if not (isinstance(t, torch.Tensor) and t.dtype == self.dtype
+                        and tuple(t.shape) == shape):
+                    ok = False
+                    break
+            if ok:
+                return self.flat(list(tree))
         leaves, spec = tree_flatten(tree, what)
         if spec != self.spec:
             raise ValueError(
                 f"{what} must have b's structure {describe(self.spec)}, got {describe(spec)}"
             )
         for t, shape in zip(leaves, self.shapes):
-            if t.shape != shape:
+            if tuple(t.shape) != shape:
                 raise ValueError(
                     f"{what} must have b's shapes {[tuple(s) for s in self.shapes]}, got "
                     f"{[tuple(x.shape) for x in leaves]}"
@@ -241,6 +262,11 @@ def _drive(
             else f"residual {rnorm:.3e} > tolerance {tol:.3e}"
             + (" (the iteration broke down)" if broke else "")
         )
+        if sys.indefinite is not None:
+            why += (
+                f"; A is not definite: a search direction p had p^T A p = {sys.indefinite:.3e}, "
+                "of the other sign than the first (or zero)"
+            )
         warnings.warn(
             f"{method} did not converge: {why} after {sys.count} products with A "
             f"(rtol={rtol}, atol={atol}, maxiter={maxiter}); raise maxiter, loosen rtol, "
@@ -255,6 +281,7 @@ def _drive(
         converged=bool(converged),
         tolerance=tol,
         method=method,
+        indefinite_curvature=sys.indefinite,
     )
 
 
@@ -273,7 +300,12 @@ def _cg_run(
         ap = sys.mv(p)
         used += 1
         pap = float(torch.dot(p, ap))
-        if pap == 0.0 or not math.isfinite(pap):
+        if not math.isfinite(pap):
+            return x, used, True
+        if sys.curvature_sign == 0.0:
+            sys.curvature_sign = math.copysign(1.0, pap)
+        if pap * sys.curvature_sign <= 0.0:  # A is not definite: CG's step is meaningless
+            sys.indefinite = pap
             return x, used, True
         alpha = rz / pap
         x.add_(p, alpha=alpha)
