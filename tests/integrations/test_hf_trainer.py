@@ -388,3 +388,32 @@ def test_minilm_zo_through_the_trainer_equals_the_plain_loop(tmp_path, count_bac
                  "labels": labels[4 * k : 4 * k + 4]}  # fmt: skip
         ref_opt.step(hf_closure(ref, batch))
     assert_same_weights(model, ref)
+
+
+def test_sophia_gnb_gets_the_logits_from_the_trainer_closure(tmp_path):
+    """Sophia-G (Gauss-Newton-Bartlett) through ClosureTrainer: the closure returns
+    (loss, logits); refresh on step 0 and 2, backward steps 1 and 3; same weights as a plain
+    loop with a hand-written (loss, logits) closure."""
+    data, steps = ToyData(), 4
+    make = lambda ps: Sophia(ps, lr=1e-2, update_every=2, estimator="gnb", seed=1)  # noqa: E731
+    model = tiny_classifier()
+    ClosureTrainer(model=model, args=training_args(tmp_path, max_steps=steps), train_dataset=data,
+                   optimizers=(make(model.parameters()), None)).train()  # fmt: skip
+    ref = tiny_classifier().train()
+    opt = make(ref.parameters())
+    for k in range(steps):
+        b = batch_of(data, 4 * k, 4)
+
+        def closure(backward: bool = True, b=b):
+            if backward:
+                ref.zero_grad()
+                with torch.enable_grad():
+                    out = ref(**b)
+                out.loss.backward()
+            else:
+                out = ref(**b)
+            return out.loss, out.logits
+
+        opt.step(closure)
+    assert_same_weights(model, ref)
+    assert opt.global_state["hessian_refreshes"] == 2

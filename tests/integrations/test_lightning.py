@@ -111,3 +111,21 @@ def test_automatic_optimization_with_sam_passes_the_check_and_closure_step_needs
     check_optimization_mode(module)  # nothing to refuse
     with pytest.raises(ValueError, match="closure_step is for manual optimization"):
         closure_step(module, trainer.optimizers[0], lambda: torch.zeros(()))
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [({"precision": "16-mixed", "world_size": 1}, "precision='16-mixed'"),
+     ({"precision": "32-true", "world_size": 2}, "world_size=2")],
+)  # fmt: skip
+def test_closure_step_refuses_a_grad_scaler_and_several_processes(setting, match):
+    """On a CPU Lightning turns 16-mixed into bf16-mixed, so the trainer is a stand-in here."""
+    from types import SimpleNamespace
+
+    module = Manual(MAKERS["ZOSGD"])
+    module.trainer = SimpleNamespace(**setting)
+    opt = MAKERS["ZOSGD"](module.parameters())
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=match):
+        closure_step(module, opt, lambda: module.net(torch.zeros(1, 6)).sum())
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))

@@ -190,8 +190,9 @@ class ClosureTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self._window: _Window | None = None
+        self._adapter: _StepTakenAdapter | None = None
+        super().__init__(*args, **kwargs)
         self._check_training_args()
         if self.optimizer is not None:
             self._check_optimizer(unwrap_optimizer(self.optimizer))
@@ -255,7 +256,7 @@ class ClosureTrainer(Trainer):
         built = super().create_optimizer() if model is None else super().create_optimizer(model)
         inner = unwrap_optimizer(built)
         self._check_optimizer(inner)
-        self.optimizer = _StepTakenAdapter(inner)
+        self.optimizer = self._adapter = _StepTakenAdapter(inner)
         return self.optimizer
 
     @property
@@ -287,11 +288,8 @@ class ClosureTrainer(Trainer):
         optimizer = self.closure_optimizer
         closure = self._window_closure(model, window.batches, window.num_items, optimizer)
         result = optimizer.step(closure)
-        adapter = self.optimizer
-        while adapter is not None and not getattr(type(adapter), "_anyorder_adapter", False):
-            adapter = adapter.__dict__.get("optimizer")
-        if adapter is not None:
-            adapter.taken = True
+        if self._adapter is not None and self._adapter.inner is optimizer:
+            self._adapter.taken = True  # the Trainer's optimizer.step() that follows: a no-op
         loss = result[0] if isinstance(result, tuple) else result
         if loss is None:  # an optimizer that returns nothing: nothing to log
             loss = float("nan")
