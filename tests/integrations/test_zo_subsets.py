@@ -110,7 +110,7 @@ def test_eval_mode_restores_each_submodules_mode_and_removes_dropout():
         expected = model(x)
     assert model.training and model[1].training and not model[2].training
     closure = eval_mode_closure(model, lambda backward=False: model(x).sum())
-    assert float(closure(backward=False)) == pytest.approx(float(expected.sum().detach()))
+    assert float(closure(backward=False).detach()) == pytest.approx(float(expected.sum().detach()))
     assert model.training and closure.model is model
     with pytest.raises(RuntimeError), eval_mode(model):
         raise RuntimeError
