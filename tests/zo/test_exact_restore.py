@@ -217,8 +217,8 @@ def test_the_kernel_and_the_torch_path_keep_the_same_codes_and_escapes(
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(70_001, generator=g) * 0.05).to(dtype)
     w[:500] = 0.0
-    w[500:1000] *= 1e-4
-    w[1000:1100] = -0.0
+    w[500:5000] *= 1e-4  # more escapes than the kernel's scratch holds: it is called again
+    w[5000:5100] = -0.0
     est = SPSA(mu=1e-3, seed=9, distribution="rademacher")
     alpha_2 = -2e-3 if two_sided else None
     results = []
@@ -232,7 +232,7 @@ def test_the_kernel_and_the_torch_path_keep_the_same_codes_and_escapes(
         if two_sided:
             est.perturb_([(3, p)], 11, 0, -2e-3)
             guard.moved(-2e-3)
-        assert guard.escape_count() >= 400  # the tiny weights (and zeros when two-sided)
+        assert guard.escape_count() >= 4000  # the tiny weights
         escapes = guard.escapes[0]
         guard.restore()
         results.append((moved, guard.codes[0].clone(), p, escapes))
