@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/zo_restore.py [--models text-finetune,digits-mlp] [--rounds 5]
                                        [--threads 2] [--distributions rademacher,gaussian]
+                                       [--dtypes float32,bfloat16]
 
 For each model's initial weights (the bench tasks' ``init_model(0)``: MiniLM for
 ``text-finetune``, the 64-hidden MLP for ``digits-mlp``), in float32 and bfloat16, with
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--distributions", default="rademacher,gaussian")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -121,7 +123,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             ws = weights(name, dtype)
             for dist in args.distributions.split(","):
                 r = measure(ws, dist, args.rounds)

@@ -221,6 +221,7 @@ def measure(name: str, rounds: int, device: str, mezo_host: type | None = None) 
     mem = {k: peak_memory_bytes(fn, device) for k, fn in methods.items()}
     out.update({f"{k}_peak_bytes": v for k, v in mem.items()})
     out["params"] = sum(p.numel() for p in params)
+    out["param_bytes"] = sum(p.numel() * p.element_size() for p in params)
     return out
 
 
@@ -246,9 +247,13 @@ def main() -> None:
     print(
         "| model | params | forward ms | zosgd / fwd | zosgd-arith / fwd | zosgd / zosgd-arith | "
         "zosgd-gauss / fwd | mezo-ref / fwd | adamw / fwd | zosgd mem / infer | "
-        "zosgd-arith mem / infer | mezo-ref mem / infer | adamw mem / infer |" + mezo_cols
+        "zosgd-arith mem / infer | mezo-ref mem / infer | adamw mem / infer | params MB | "
+        "infer MB | zosgd - zosgd-arith MB |" + mezo_cols
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if mezo_host else 0))
+    print(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        + "---|" * (3 if mezo_host else 0)
+    )
     for name in args.models.split(","):
         try:
             r = measure(name, args.rounds, args.device, mezo_host)
@@ -262,7 +267,8 @@ def main() -> None:
             f"{r['zosgd-gauss_s'] / f:.2f} | {r['mezo-ref_s'] / f:.2f} | {r['adamw_s'] / f:.2f} | "
             f"{r['zosgd_peak_bytes'] / inf:.2f} | {r['zosgd-arith_peak_bytes'] / inf:.2f} | "
             f"{r['mezo-ref_peak_bytes'] / inf:.2f} | "
-            f"{r['adamw_peak_bytes'] / inf:.2f} |"
+            f"{r['adamw_peak_bytes'] / inf:.2f} | {r['param_bytes'] / 2**20:.1f} | {inf / 2**20:.1f} | "
+            f"{(r['zosgd_peak_bytes'] - r['zosgd-arith_peak_bytes']) / 2**20:.2f} |"
             + (
                 f" {r['mezo_s'] / f:.2f} | {r['zosgd_s'] / r['mezo_s']:.2f} | "
                 f"{r['mezo_peak_bytes'] / inf:.2f} |"

@@ -10,7 +10,8 @@ each query:
 
 * **2 bits per element**: the low two bits of the element's *ordered key* (its bit pattern made
   monotone in its value: negative patterns have their magnitude bits flipped, so -0.0 and +0.0
-  are neighbours and an ulp is a step of 1 across zero too);
+  are neighbours and an ulp is a step of 1 across zero too), 16 bytes per 64 elements (byte j
+  of a block holds elements j, j+16, j+32 and j+48, a layout whose packing vectorises);
 * **escapes**: index and original value of the elements for which the restore from any state the
   step can leave them in (``a``, and ``b`` when two-sided) is more than one key step off, which
   happens where ``|w|`` is small against ``alpha |z|`` (zeros and tiny weights).
@@ -80,20 +81,21 @@ def _reconstruct(state: torch.Tensor, z: torch.Tensor, shift: float) -> torch.Te
     return (state.double() - z.double() * shift).to(state.dtype)
 
 
-_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 4, 1)
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """Four 2-bit codes (int tensor, values 0..3) per byte."""
+    """2-bit codes (values 0..3) of a chunk starting at a multiple of 64, 16 bytes per 64
+    elements: byte j of a block holds elements j, j+16, j+32, j+48 (the kernel's layout)."""
     n = codes.numel()
-    padded = torch.zeros((n + 3) // 4 * 4, dtype=torch.uint8, device=codes.device)
+    padded = torch.zeros((n + 63) // 64 * 64, dtype=torch.uint8, device=codes.device)
     padded[:n] = codes
-    quads = padded.view(-1, 4) << _SHIFTS.to(codes.device)
-    return quads[:, 0] | quads[:, 1] | quads[:, 2] | quads[:, 3]
+    quads = padded.view(-1, 4, 16) << _SHIFTS.to(codes.device)
+    return (quads[:, 0] | quads[:, 1] | quads[:, 2] | quads[:, 3]).view(-1)
 
 
 def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return ((packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 3).view(-1)[:n]
+    return ((packed.view(-1, 1, 16) >> _SHIFTS.to(packed.device)) & 3).view(-1)[:n]
 
 
 def _far(steps: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,7 @@ class PerturbationGuard:
             flat = flat_view(p)
             n = flat.numel()
             if first:
-                self.codes[t] = torch.empty((n + 3) // 4, dtype=torch.uint8, device=p.device)
+                self.codes[t] = torch.empty((n + 63) // 64 * 16, dtype=torch.uint8, device=p.device)
             shifts = [_displacement(alpha_1, p.dtype)]
             if alpha_2 is not None:
                 shifts.append(shifts[0] + _displacement(alpha_2, p.dtype))
@@ -184,7 +186,7 @@ class PerturbationGuard:
             w0 = w.clone()
             k0 = ordered_keys(w0)
             if first:
-                self.codes[t][start // 4 : (end + 3) // 4] = _pack(k0 & 3)
+                self.codes[t][start // 4 : (end + 63) // 64 * 16] = _pack(k0 & 3)
             w.add_(z, alpha=alpha_1)  # the move itself, as the estimator's pass makes it
             bad = _far(ordered_keys(_reconstruct(w, z, shifts[0])) - k0)
             if alpha_2 is not None:
@@ -226,7 +228,8 @@ class PerturbationGuard:
                 for start, end, z in self.estimator.chunks(index, p, self.step, query):
                     w = flat[start:end]
                     r = _reconstruct(w, z, shift)
-                    w.copy_(_fix(r, _unpack(codes[start // 4 : (end + 3) // 4], end - start)))
+                    packed = codes[start // 4 : (end + 63) // 64 * 16]
+                    w.copy_(_fix(r, _unpack(packed, end - start)))
             escaped = self.escapes.get(t)
             if escaped is not None:
                 flat[escaped[0].long()] = escaped[1]

@@ -276,7 +276,9 @@ def rademacher_guard_(
     lib = _load()
     name = _FUNCTIONS[flat.dtype].replace("axpy", "guard")
     n = flat.numel()
-    slots = min(_GUARD_SLOTS, n + 64)
+    # Scratch for the escapes of one call, small against the tensor (the kernel stops early and
+    # is called again when they run short): at most 1/64 of its elements plus one block.
+    slots = min(_GUARD_SLOTS, 64 + n // 64)
     esc = torch.empty(slots, dtype=torch.int64)
     vals = torch.empty(slots, dtype=flat.dtype)
     found = ctypes.c_int64(0)

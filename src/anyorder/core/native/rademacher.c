@@ -94,7 +94,9 @@ DEFINE_KERNELS(f64, double, uint64_t, 63)
  * fused with what an exact restore needs, computed while the original element w0 is at hand:
  *   key(x): x's bit pattern made monotone in its value (negative patterns: magnitude bits
  *           flipped), so one ulp is one key step across zero too;
- *   codes:  the low two bits of key(w0), four per byte (written only if `codes` is not NULL);
+ *   codes:  the low two bits of key(w0), 16 bytes per 64-element block, byte j holding elements
+ *           j, j+16, j+32, j+48 (bits 0-1, 2-3, 4-5, 6-7) so that packing vectorises; written
+ *           only if `codes` is not NULL;
  *   escapes: elements for which the restore from a = w0 + alpha1 z (and, if `two`, from
  *           b = a + alpha2 z) is more than one key step off key(w0); their index and w0 are
  *           written to esc/vals.
@@ -169,20 +171,26 @@ DEFINE_KERNELS(f64, double, uint64_t, 63)
                            : guard_core_##S(p + h, bits, mh, a1, a2, e1, e2, 0, orig + h,        \
                                             flag + h, low + h);                                  \
             }                                                                                    \
-            if (any)                                                                             \
+            if (any) {                                                                           \
+                uint64_t mask = 0;                                                               \
                 for (int i = 0; i < m; i++)                                                      \
-                    if (flag[i]) {                                                               \
-                        esc[count] = base + i;                                                   \
-                        vals[count] = orig[i];                                                   \
-                        count++;                                                                 \
-                    }                                                                            \
-            if (codes)                                                                           \
-                for (int q = 0; q < (m + 3) / 4; q++) {                                          \
-                    unsigned byte = 0;                                                           \
-                    for (int r = 0; r < 4 && 4 * q + r < m; r++)                                 \
-                        byte |= (unsigned)low[4 * q + r] << (2 * r);                             \
-                    codes[(base >> 2) + q] = (uint8_t)byte;                                      \
+                    mask |= (uint64_t)(flag[i] & 1u) << i;                                       \
+                while (mask) {                                                                   \
+                    int i = __builtin_ctzll(mask);                                               \
+                    esc[count] = base + i;                                                       \
+                    vals[count] = orig[i];                                                       \
+                    count++;                                                                     \
+                    mask &= mask - 1;                                                            \
                 }                                                                                \
+            }                                                                                    \
+            if (codes) { /* byte j of the block: elements j, j+16, j+32, j+48 */                 \
+                for (int i = m; i < 64; i++)                                                     \
+                    low[i] = 0;                                                                  \
+                uint8_t *c = codes + (base >> 2);                                                \
+                for (int j = 0; j < 16; j++)                                                     \
+                    c[j] = (uint8_t)(low[j] | (low[j + 16] << 2) | (low[j + 32] << 4) |          \
+                                     (low[j + 48] << 6));                                        \
+            }                                                                                    \
         }                                                                                        \
         *found = count;                                                                          \
         return base < n ? base : n;                                                              \
@@ -207,8 +215,9 @@ DEFINE_KERNELS(f64, double, uint64_t, 63)
             uint64_t word = mix64(key + (uint64_t)(base / 64 + 1) * GAMMA);                      \
             int m = n - base < 64 ? (int)(n - base) : 64;                                        \
             const uint8_t *c = codes + (base >> 2);                                              \
-            for (int i = 0; i < m; i++)                                                          \
-                low[i] = (uint8_t)((c[i >> 2] >> (2 * (i & 3))) & 3u);                           \
+            for (int r = 0; r < 4; r++)                                                          \
+                for (int j = 0; j < 16; j++)                                                     \
+                    low[16 * r + j] = (uint8_t)((c[j] >> (2 * r)) & 3u);                         \
             for (int h = 0; h < m; h += half) {                                                  \
                 int mh = m - h < half ? m - h : half;                                            \
                 unguard_core_##S(w + base + h, (UINT)(word >> h), mh, e, low + h);               \
