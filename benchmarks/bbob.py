@@ -329,12 +329,12 @@ def indices(text: str) -> list[int]:
     return out
 
 
-def report(results: dict[str, Any], png: str | None) -> None:
+def report(results: dict[str, Any], png: str | None, plot: list[str] | None = None) -> None:
     runs = results["runs"]
     dims = sorted({r["dim"] for r in runs})
     names = list(dict.fromkeys(r["method"] for r in runs))
     budget = max(results["budget_per_dim"].values())
-    grid = np.array([10, 30, 100, 300, 1000, 3000, 10000, budget])
+    grid = np.array([10, 30, 100, 300, 1000, 3000, 10000, *results["budget_per_dim"].values()])
     grid = np.unique(grid[grid <= budget])
 
     def hits_of(d: int, name: str) -> list[np.ndarray]:
@@ -368,7 +368,7 @@ def report(results: dict[str, Any], png: str | None) -> None:
             b = results["budget_per_dim"][str(d)]
             fine = np.unique(np.round(np.logspace(0, math.log10(b), 60)))
             instances = sorted({r["instance"] for r in runs if r["dim"] == d})
-            for name in names:
+            for name in plot or names:
                 if hits_of(d, name):
                     ax.step(fine, ecdf(hits_of(d, name), d, fine), where="post", label=name)
             ax.set_xscale("log")
@@ -395,6 +395,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the runs here")
     parser.add_argument("--merge", nargs="+", help="only report: combine these JSON files")
     parser.add_argument("--png")
+    parser.add_argument("--plot", nargs="+", help="methods drawn in the figure (default: all)")
     args = parser.parse_args()
     if args.merge:
         results: dict[str, Any] = {"budget_per_dim": {}, "runs": []}
@@ -403,7 +404,7 @@ def main() -> None:
                 part = json.load(f)
             results["budget_per_dim"].update(part["budget_per_dim"])
             results["runs"].extend(part["runs"])
-        report(results, args.png)
+        report(results, args.png, args.plot)
         return
     variants = [parse_variant(t)[0] for t in args.cbo]
     unknown = set(args.methods) - set(METHODS) - set(variants)
@@ -425,7 +426,7 @@ def main() -> None:
                "seconds": time.perf_counter() - t0,
                "runs": [r for part in parts for r in part]}  # fmt: skip
     print(f"{results['seconds']:.0f} s")
-    report(results, args.png)
+    report(results, args.png, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
