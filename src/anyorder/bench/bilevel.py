@@ -64,10 +64,14 @@ class ProblemSpec:
     hparams: dict[str, dict[str, Any]]
 
 
+#: LV-HBA's lower-level constraint on hyper-cleaning: ||theta||^2 <= CLEANING_RADIUS
+CLEANING_RADIUS = 100.0
+
+
 def _cleaning(dataset: str, model: str) -> Callable[[int], Instance]:
     def build(seed: int) -> Instance:
         prob = HyperCleaning(load_cleaning_data(dataset, seed=seed), model=model, seed=seed)
-        radius = 100.0  # LV-HBA's lower-level constraint ||theta||^2 <= radius
+        radius = CLEANING_RADIUS
 
         return Instance(
             outer=[prob.weights],
