@@ -178,3 +178,40 @@ def test_lvhba_warns_on_a_diverging_step_and_names_it_when_a_step_fails():
         warnings.simplefilter("error", LVHBAStepWarning)  # the stable setting does not warn
         LVHBA([p.x], [p.y], lr=0.1, inner_lr=0.5, theta_lr=1.0, z_lr=0.1, gamma1=10.0,
               gamma2=1.0)
+
+
+# -- BSVRB's default MSVR gamma -----------------------------------------------------------------
+def test_bsvrb_default_gamma_is_msvr_and_tracks_exactly_like_storm_when_every_block_is_sampled():
+    """gamma = (m - I) / (I (1 - alpha)) + (1 - alpha) (MSVR, Jiang et al. 2022). With every
+    block sampled it is 1 - alpha, and the tracker s_i of grad_y g_i is STORM's: its error
+    s_i - grad_y g_i(e_t) shrinks by exactly (1 - alpha) per step, whatever e_t does. The
+    reference code's "theory" gamma, (m - I) / (I (1 - alpha)) = 0 here, would make s_i a plain
+    moving average that lags the moving gradient."""
+    from anyorder.bilevel import BSVRB
+
+    gen = torch.Generator().manual_seed(5)
+    m = 3
+    bs = [torch.randn(2, 2, generator=gen, dtype=DT) for _ in range(m)]
+    x = torch.tensor([0.3, -0.4], dtype=DT, requires_grad=True)
+    ys = [torch.randn(2, generator=gen, dtype=DT).requires_grad_() for _ in range(m)]
+
+    def inner(i):
+        return 0.5 * (1 + x[0] ** 2) * (ys[i] ** 2).sum() - ys[i] @ torch.tanh(bs[i] @ x)
+
+    def outer(i):
+        return ((ys[i] - 0.5) ** 2).sum() + 0.1 * (x**2).sum()
+
+    alpha = 0.3
+    opt = BSVRB([x], ys, version="v2", lr=0.2, inner_lr=0.4, alpha=alpha, beta=0.5)
+    assert opt.gamma == pytest.approx(1 - alpha)
+    assert BSVRB([x], ys, lr=0.1, inner_lr=0.1, blocks=1, alpha=0.5).gamma == pytest.approx(
+        (m - 1) / (1 * 0.5) + 0.5)
+    errors = []
+    for _ in range(6):
+        h = [torch.autograd.grad(inner(i), ys[i])[0] for i in range(m)]  # at e_t
+        opt.step(inner, outer)
+        errors.append(torch.stack([opt.bstate["s"][i] - h[i] for i in range(m)]))
+    moved = float((x.detach() - torch.tensor([0.3, -0.4], dtype=DT)).norm())
+    assert moved > 0.05  # the gradient being tracked does change
+    for a, b in zip(errors, errors[1:]):
+        assert torch.allclose(b, (1 - alpha) * a, rtol=0, atol=1e-13)

@@ -33,6 +33,15 @@ class BOREP(BilevelOptimizer):
     ``z_radius=None`` leaves ``z`` unprojected). The products are taken at ``(x_k, y_k)`` from one
     double-backward graph; ``d^2_xy G z_k`` uses the new ``z_k``.
 
+    The momentum uses the NEW ``z_k`` (``z`` is updated first, then ``d^2_xy G z_k``), as the
+    authors' reference code does (``data_cleaning/bo_rep.py`` of
+    github.com/MingruiLiu-ML-Lab/Bilevel-Optimization-under-Unbounded-Smoothness: ``z`` is
+    updated in ``hypergradient`` before the mixed product); the paper's PDF was not available
+    offline to check its index. The reference takes ``d^2_yy G z`` at ``y`` before that
+    iteration's periodic inner update and ``grad_y F`` after it; here both are at the updated
+    ``(x_k, y_k)``, as the update above is written; it also starts ``z`` at random values
+    (here 0).
+
     Departure from the paper: the paper's initialization refinement runs epoch-SGD with
     decreasing steps; here it is ``init_steps`` plain SGD steps with ``inner_lr`` (the same
     rule as the periodic updates).

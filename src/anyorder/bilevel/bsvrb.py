@@ -71,7 +71,11 @@ class BSVRB(BilevelOptimizer):
         lr: ``eta`` (per group); version: ``"v1"`` or ``"v2"``; blocks: ``I``; inner_lr:
         ``tau``; v_lr: ``tau_v`` (default ``inner_lr``); alpha, gamma: MSVR parameters
         (``gamma=None``: ``(m - I) / (I (1 - alpha)) + (1 - alpha)``, the MSVR choice of Jiang et
-        al., 2022, ``1 - alpha`` when every block is sampled); beta: STORM parameter; mu: the
+        al., 2022, ``1 - alpha`` when every block is sampled, where the estimator is STORM's
+        and its tracking error shrinks by exactly ``1 - alpha`` per step; the reference code's
+        ``--auto_gamma`` leaves the ``+ (1 - alpha)`` out, which makes it a plain moving
+        average when every block is sampled, and its run scripts pass ``--gamma 1``); beta:
+        STORM parameter; mu: the
         eigenvalue floor of ``H`` (v1); h0: ``H``'s start; v_max: the bound of ``v`` (v2); seed:
         the block sampler's seed.
 
