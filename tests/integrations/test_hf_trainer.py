@@ -255,6 +255,7 @@ def test_resume_from_a_trainer_checkpoint_is_bit_identical(tmp_path):
     resumed, opt_b = run(tmp_path / "b", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
     assert_same_weights(straight, resumed)
     assert opt_a.global_state == opt_b.global_state
+    assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] == 0.0  # linear decay reached 0
     for p, q in zip(straight.parameters(), resumed.parameters()):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a.state[p][key], opt_b.state[q][key])
