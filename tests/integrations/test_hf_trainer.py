@@ -418,3 +418,30 @@ def test_sophia_gnb_gets_the_logits_from_the_trainer_closure(tmp_path):
         opt.step(closure)
     assert_same_weights(model, ref)
     assert opt.global_state["hessian_refreshes"] == 2
+
+
+def test_an_interrupt_inside_the_closure_leaves_weights_and_state_as_they_were(tmp_path):
+    """KeyboardInterrupt in the second evaluation of the second step: the weights are those after
+    the first step, bit for bit (exact_restore), and the optimizer's counters say one step."""
+    data = ToyData()
+
+    class Interrupted(ClosureTrainer):
+        calls = 0
+
+        def compute_loss(self, model, inputs, **kwargs):
+            type(self).calls += 1
+            if type(self).calls == 4:
+                raise KeyboardInterrupt
+            return super().compute_loss(model, inputs, **kwargs)
+
+    model = tiny_classifier()
+    opt = ZOSGD(model.parameters(), lr=1e-2, seed=3, exact_restore=True)
+    trainer = Interrupted(model=model, args=training_args(tmp_path, max_steps=3),
+                          train_dataset=data, optimizers=(opt, None))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    ref = tiny_classifier().train()
+    ref_opt = ZOSGD(ref.parameters(), lr=1e-2, seed=3)
+    ref_opt.step(hf_closure(ref, batch_of(data, 0, 4)))
+    assert_same_weights(model, ref)
+    assert opt.global_state["step"] == 1 and opt.global_state["evaluations"] == 2
