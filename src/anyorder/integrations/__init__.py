@@ -20,10 +20,12 @@ from anyorder.integrations.heads import (
 from anyorder.integrations.prompts import PromptClassifier, encode_prompts, label_token_ids
 
 __all__ = [
+    "ClosureOptimizationCheck",
     "ClosureTrainer",
     "CosineHead",
     "PooledClassifier",
     "PromptClassifier",
+    "closure_step",
     "embed_texts",
     "encode_prompts",
     "label_text_head",
@@ -42,4 +44,8 @@ def __getattr__(name: str):
         from anyorder.integrations.hf_trainer import ClosureTrainer
 
         return ClosureTrainer
+    if name in ("closure_step", "ClosureOptimizationCheck"):
+        from anyorder.integrations import lightning
+
+        return getattr(lightning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
