@@ -140,12 +140,20 @@ def test_every_closure_optimizer_follows_the_plain_loop(tmp_path, name):
 def test_zo_runs_no_backward_pass_and_the_plain_trainer_cannot_drive_it(tmp_path, count_backward):
     data = ToyData()
     model = tiny_classifier(dropout=0.1)
-    trainer = ClosureTrainer(
+    grad_modes = []
+
+    class Recording(ClosureTrainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            grad_modes.append(torch.is_grad_enabled())
+            return super().compute_loss(model, inputs, **kwargs)
+
+    trainer = Recording(
         model=model, args=training_args(tmp_path, max_steps=3, max_grad_norm=1.0),
         train_dataset=data, optimizers=(ZOSGD(model.parameters(), lr=1e-2), None),
     )  # fmt: skip
     trainer.train()
     assert count_backward == {"backward": 0, "grad": 0}
+    assert grad_modes == [False] * 6  # every evaluation under no_grad: inference memory
     assert all(p.grad is None for p in model.parameters())
     assert trainer.closure_optimizer.global_state["step"] == 3
     assert trainer.closure_optimizer.global_state["evaluations"] == 6  # 2 per step, no more
