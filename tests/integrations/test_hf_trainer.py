@@ -140,12 +140,20 @@ def test_every_closure_optimizer_follows_the_plain_loop(tmp_path, name):
 def test_zo_runs_no_backward_pass_and_the_plain_trainer_cannot_drive_it(tmp_path, count_backward):
     data = ToyData()
     model = tiny_classifier(dropout=0.1)
-    trainer = ClosureTrainer(
+    grad_modes = []
+
+    class Recording(ClosureTrainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            grad_modes.append(torch.is_grad_enabled())
+            return super().compute_loss(model, inputs, **kwargs)
+
+    trainer = Recording(
         model=model, args=training_args(tmp_path, max_steps=3, max_grad_norm=1.0),
         train_dataset=data, optimizers=(ZOSGD(model.parameters(), lr=1e-2), None),
     )  # fmt: skip
     trainer.train()
     assert count_backward == {"backward": 0, "grad": 0}
+    assert grad_modes == [False] * 6  # every evaluation under no_grad: inference memory
     assert all(p.grad is None for p in model.parameters())
     assert trainer.closure_optimizer.global_state["step"] == 3
     assert trainer.closure_optimizer.global_state["evaluations"] == 6  # 2 per step, no more
@@ -255,6 +263,7 @@ def test_resume_from_a_trainer_checkpoint_is_bit_identical(tmp_path):
     resumed, opt_b = run(tmp_path / "b", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
     assert_same_weights(straight, resumed)
     assert opt_a.global_state == opt_b.global_state
+    assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] == 0.0  # linear decay reached 0
     for p, q in zip(straight.parameters(), resumed.parameters()):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a.state[p][key], opt_b.state[q][key])
@@ -417,3 +426,30 @@ def test_sophia_gnb_gets_the_logits_from_the_trainer_closure(tmp_path):
         opt.step(closure)
     assert_same_weights(model, ref)
     assert opt.global_state["hessian_refreshes"] == 2
+
+
+def test_an_interrupt_inside_the_closure_leaves_weights_and_state_as_they_were(tmp_path):
+    """KeyboardInterrupt in the second evaluation of the second step: the weights are those after
+    the first step, bit for bit (exact_restore), and the optimizer's counters say one step."""
+    data = ToyData()
+
+    class Interrupted(ClosureTrainer):
+        calls = 0
+
+        def compute_loss(self, model, inputs, **kwargs):
+            type(self).calls += 1
+            if type(self).calls == 4:
+                raise KeyboardInterrupt
+            return super().compute_loss(model, inputs, **kwargs)
+
+    model = tiny_classifier()
+    opt = ZOSGD(model.parameters(), lr=1e-2, seed=3, exact_restore=True)
+    trainer = Interrupted(model=model, args=training_args(tmp_path, max_steps=3),
+                          train_dataset=data, optimizers=(opt, None))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    ref = tiny_classifier().train()
+    ref_opt = ZOSGD(ref.parameters(), lr=1e-2, seed=3)
+    ref_opt.step(hf_closure(ref, batch_of(data, 0, 4)))
+    assert_same_weights(model, ref)
+    assert opt.global_state["step"] == 1 and opt.global_state["evaluations"] == 2

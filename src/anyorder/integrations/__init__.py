@@ -31,6 +31,7 @@ from anyorder.integrations.mezo import KeepBest, eval_mode, eval_mode_closure
 from anyorder.integrations.prompts import PromptClassifier, encode_prompts, label_token_ids
 
 __all__ = [
+    "ClosureOptimizationCheck",
     "ClosureTrainer",
     "CosineHead",
     "FreshHeadWarning",
@@ -38,6 +39,7 @@ __all__ = [
     "PooledClassifier",
     "PromptClassifier",
     "add_lora",
+    "closure_step",
     "embed_texts",
     "encode_prompts",
     "eval_mode",
@@ -63,4 +65,8 @@ def __getattr__(name: str):
         from anyorder.integrations.hf_trainer import ClosureTrainer
 
         return ClosureTrainer
+    if name in ("closure_step", "ClosureOptimizationCheck"):
+        from anyorder.integrations import lightning
+
+        return getattr(lightning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
