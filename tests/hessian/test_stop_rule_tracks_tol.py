@@ -61,7 +61,7 @@ def test_top_eigenvalue_on_a_network_stops_within_two_products_of_tol() -> None:
     """On a residual BatchNorm network (digits, float64, the default gradient start), the error at
     the stop is below ``tol`` and the rule spends at most two products more than the first Lanczos
     step whose Ritz value is within ``tol`` (from the same start). Here one step cuts the error up
-    to 100x (a 25% top gap), so the error itself may land far below ``tol``; the products are
+    to 100x (a wide top gap), so the error itself may land far below ``tol``; the products are
     what the rule can waste."""
     import torch.nn.functional as F
 
