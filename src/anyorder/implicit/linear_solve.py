@@ -344,7 +344,12 @@ def solve_cg(
 
     ``M``: an optional preconditioner, a function applying a symmetric positive definite
     approximation of ``A^-1`` to ``b``'s structure (e.g. ``lambda r: r / diag`` for Jacobi);
-    CG then converges at the rate of the condition number of ``M A``."""
+    CG then converges at the rate of the condition number of ``M A``.
+
+    CG stops at the first search direction ``p`` whose curvature ``p^T A p`` is zero or of the
+    other sign than the first direction's: ``A`` is then not definite and CG's step is
+    meaningless. The result reports it (``indefinite_curvature``), is not converged, and the
+    warning suggests :func:`solve_minres`."""
     if M is not None and not callable(M):
         raise TypeError(f"M must be callable or None, got {type(M).__name__}")
     return _drive(
