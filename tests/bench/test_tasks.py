@@ -19,7 +19,9 @@ def test_model_and_batches_depend_only_on_the_seed(name):
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     c = task.init_model(8)
-    if name != "rosenbrock":  # Rosenbrock starts from the classic fixed point
+    # Rosenbrock starts from the classic fixed point; text-finetune from a task-aligned head that
+    # is the same for every seed (its seeded fresh head is tested in test_text_finetune.py).
+    if name not in ("rosenbrock", "text-finetune"):
         assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
     s1 = task.batches(torch.Generator().manual_seed(3))
     s2 = task.batches(torch.Generator().manual_seed(3))
