@@ -87,6 +87,7 @@ class HybridZO(ZOSGD):
         on_nonfinite: str = "skip",
         portable_directions: bool = False,
         exact_restore: bool = False,
+        restore: str = "compact",
     ) -> None:
         self._check_order(order, "order")
         self._default_order = order
@@ -109,6 +110,7 @@ class HybridZO(ZOSGD):
             on_nonfinite=on_nonfinite,
             portable_directions=portable_directions,
             exact_restore=exact_restore,
+            restore=restore,
         )
         self.global_state["exact_loss"] = None
 
