@@ -694,8 +694,10 @@ def solve_dense(
         else:
             try:
                 x = torch.linalg.solve(a, sys.b)
-            except RuntimeError:  # singular
-                x = torch.linalg.lstsq(a, sys.b[:, None]).solution[:, 0]
+            except RuntimeError:  # singular: the minimum-norm least-squares solution, by SVD
+                # (lstsq's default QR driver, gelsy, misjudged the rank of diag(1, 2, 0) in one
+                # CPU environment and returned a non-solution)
+                x = torch.linalg.pinv(a) @ sys.b
         rnorm = _norm(sys.b - sys.mv(x))
         tol = max(rtol * _norm(sys.b), atol)
         converged = rnorm <= tol
