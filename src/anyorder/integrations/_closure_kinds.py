@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyorder.optim import CBO, ZOSGD, ZOAdam
+from anyorder.optim import CBO
 from anyorder.optim._curvature import CurvatureOptimizer
+from anyorder.optim.zo import _ZeroOrderOptimizer
 
 __all__ = ["closure_kind", "needs_contract_closure", "unwrap_optimizer"]
 
-GRADIENT_FREE = (ZOSGD, ZOAdam, CBO)
+GRADIENT_FREE = (_ZeroOrderOptimizer, CBO)  # ZOSGD, ZOAdam (and HybridZO), CBO
 SELF_DIFFERENTIATING = (CurvatureOptimizer,)
 
 
