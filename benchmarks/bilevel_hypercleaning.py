@@ -19,14 +19,15 @@ import time
 
 import torch
 
-from anyorder.bench.bilevel import ALGORITHMS, CLEANING_RADIUS, PROBLEMS
+from anyorder.bench.bilevel import (
+    ALGORITHMS,
+    CLEANING_RADIUS,
+    PROBLEMS,
+    ball_constraint,
+    ball_projection,
+)
 from anyorder.bilevel import LVHBA
 from anyorder.bilevel.problems import HyperCleaning, load_cleaning_data
-
-
-def _constraint(params: list[torch.Tensor]):
-    """LV-HBA's lower-level constraint of the suite: ||theta||^2 <= CLEANING_RADIUS."""
-    return lambda: (sum(p.square().sum() for p in params) - CLEANING_RADIUS).reshape(1)
 
 
 def accuracy_table(dataset: str, seeds: list[int], steps: int, mlp: bool, algorithm: str,
@@ -44,10 +45,12 @@ def accuracy_table(dataset: str, seeds: list[int], steps: int, mlp: bool, algori
             base_cache[dataset, seed] = prob.baselines()
         base = base_cache[dataset, seed]
         t_base = time.perf_counter() - t0
-        opt = ALGORITHMS[algorithm]([prob.weights], prob.params, **hp)
-        extra = ()
-        if isinstance(opt, LVHBA):
-            extra = (_constraint(prob.params),)
+        lvhba = ALGORITHMS[algorithm] is LVHBA
+        opt = ALGORITHMS[algorithm](
+            [prob.weights], prob.params, **hp,
+            **({"project": ball_projection(CLEANING_RADIUS)} if lvhba else {}),
+        )
+        extra = (ball_constraint(prob.params, CLEANING_RADIUS),) if lvhba else ()
         t0 = time.perf_counter()
         for _ in range(steps):
             opt.step(prob.inner_loss, prob.outer_loss, *extra)
@@ -91,7 +94,8 @@ def time_table(problem: str, rounds: int, block: int) -> None:
     state = {}
     for n in names:
         inst = spec.build(0)
-        opt = ALGORITHMS[n](inst.outer, inst.inner, **spec.hparams[n])
+        extra = {"project": inst.project} if ALGORITHMS[n] is LVHBA and inst.project else {}
+        opt = ALGORITHMS[n](inst.outer, inst.inner, **spec.hparams[n], **extra)
         state[n] = (inst, opt, [])
     for _ in range(rounds):
         for n in names:  # interleaved: every algorithm sees the same machine load

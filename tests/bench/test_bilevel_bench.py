@@ -32,3 +32,50 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main(["bilevel", "--algorithms", "SGD", "--out", str(out)]) == 2
     assert main(["bilevel", "--seeds", "-1", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_lvhba_ball_projection_keeps_y_on_the_ball_and_leaves_x():
+    import torch
+
+    from anyorder.bench.bilevel import ball_constraint, ball_projection
+
+    y = [torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([12.0], dtype=torch.float64)]
+    x = [torch.tensor([100.0])]
+    project = ball_projection(25.0)
+    project(x, y)  # ||y||^2 = 169 -> scaled by 5/13 onto the ball
+    assert torch.allclose(torch.cat(y), torch.tensor([15, 20, 60], dtype=torch.float64) / 13)
+    assert abs(float(ball_constraint(y, 25.0)())) < 1e-12 and x[0].item() == 100.0
+    inside = [torch.tensor([1.0, 2.0])]
+    project(x, inside)  # already feasible: untouched
+    assert inside[0].tolist() == [1.0, 2.0]
+
+
+def test_lvhba_on_digits_cleaning_holds_the_constraint_instead_of_failing():
+    """Without the projection onto C, LV-HBA (inner L2 1e-3) failed at step 790 on digits seed
+    2: y left the ball, lam grew to 6e11. In a shortened form (a ball y reaches within a few
+    dozen steps): without the projection the run fails; with it y stays on the ball."""
+    import pytest
+
+    from anyorder.bench.bilevel import PROBLEMS, ball_constraint, ball_projection
+    from anyorder.bilevel import LVHBA
+    from anyorder.bilevel.problems import HyperCleaning, load_cleaning_data
+
+    hp = PROBLEMS["hypercleaning-digits-linear"].hparams["LVHBA"]
+    radius_sq = 4.0
+
+    def run(project):
+        prob = HyperCleaning(load_cleaning_data("digits", n_train=200, n_val=100, seed=2),
+                             seed=2, reg=1e-3)
+        extra = {} if project is None else {"project": project}
+        opt = LVHBA([prob.weights], prob.params, **hp, **extra)
+        g = ball_constraint(prob.params, radius_sq)
+        for _ in range(100):
+            opt.step(prob.inner_loss, prob.outer_loss, g)
+        return prob
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run(None)
+    prob = run(ball_projection(radius_sq))
+    norm_sq = float(sum(p.detach().square().sum() for p in prob.params))
+    assert abs(norm_sq - radius_sq) < 1e-4  # reached the ball and held there
+    assert prob.metrics()["test_accuracy"] > 0.6  # a working (if small) classifier

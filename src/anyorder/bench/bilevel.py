@@ -53,6 +53,8 @@ class Instance:
     metric: str
     higher_is_better: bool
     constraint: Callable[[], torch.Tensor] | None = None
+    #: LV-HBA's projection onto C (the paper's C holds the convex constraint set)
+    project: Callable[[list[torch.Tensor], list[torch.Tensor]], None] | None = None
     multi_block: bool = False
     baselines: Callable[[], dict[str, float]] | None = None
     final: Callable[[], dict[str, float]] | None = None
@@ -71,6 +73,26 @@ class ProblemSpec:
 CLEANING_RADIUS = 100.0
 
 
+def ball_constraint(params: list[torch.Tensor], radius_sq: float) -> Callable[[], torch.Tensor]:
+    """``g(y) = ||y||^2 - radius_sq`` over the inner tensors, as LV-HBA's ``constraint()``."""
+    return lambda: (sum(p.square().sum() for p in params) - radius_sq).reshape(1)
+
+
+def ball_projection(radius_sq: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]], None]:
+    """LV-HBA's ``project(x, y)`` onto ``C = {(x, y): ||y||^2 <= radius_sq}`` (the constraint
+    set of :func:`ball_constraint`, convex, so it belongs in the paper's ``C``): ``y`` is scaled
+    back onto the ball when it leaves it; ``x`` is free. Without it ``y`` drifted out of the
+    ball on digits hyper-cleaning (inner L2 1e-3), ``lam`` grew to 6e11 and the step failed at
+    step 790; with it the run holds ``||y||^2 = 100`` and goes on."""
+
+    def project(outer: list[torch.Tensor], inner: list[torch.Tensor]) -> None:
+        norm_sq = sum(t.square().sum() for t in inner)
+        if norm_sq > radius_sq:
+            torch._foreach_mul_(list(inner), float((radius_sq / norm_sq) ** 0.5))
+
+    return project
+
+
 def _cleaning(dataset: str, model: str) -> Callable[[int], Instance]:
     def build(seed: int) -> Instance:
         prob = HyperCleaning(load_cleaning_data(dataset, seed=seed), model=model, seed=seed)
@@ -84,7 +106,8 @@ def _cleaning(dataset: str, model: str) -> Callable[[int], Instance]:
             evaluate=prob.metrics,
             metric="test_accuracy",
             higher_is_better=True,
-            constraint=lambda: (sum(p.square().sum() for p in prob.params) - radius).reshape(1),
+            constraint=ball_constraint(prob.params, radius),
+            project=ball_projection(radius),
             baselines=lambda: prob.baselines().to_dict(),
             final=lambda: {"refit_test_accuracy": prob.refit_accuracy()},
         )
@@ -102,7 +125,8 @@ def _logistic(seed: int) -> Instance:
         evaluate=lambda: {"test_accuracy": prob.accuracy(), "val_loss": float(prob.outer_loss())},
         metric="val_loss",
         higher_is_better=False,
-        constraint=lambda: (prob.theta.square().sum() - 1e3).reshape(1),
+        constraint=ball_constraint([prob.theta], 1e3),
+        project=ball_projection(1e3),
     )
 
 
@@ -242,7 +266,10 @@ def run_one(
         m = len(inst.inner)
         inner_loss = lambda: sum(inst.inner_loss(i) for i in range(m))  # noqa: E731
         outer_loss = lambda: sum(inst.outer_loss(i) for i in range(m)) / m  # noqa: E731
-    opt = cls(inst.outer, inst.inner, **hp)
+    extra: dict[str, Any] = {}
+    if cls is LVHBA and inst.project is not None:
+        extra["project"] = inst.project
+    opt = cls(inst.outer, inst.inner, **hp, **extra)
     history = [BilevelPoint(0, 0.0, inst.evaluate(), None)]
     times: list[float] = []
     error, diverged = None, False
