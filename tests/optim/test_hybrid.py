@@ -172,3 +172,23 @@ def test_memory_is_inference_plus_the_head_graph():
     body_bytes = sum(p.numel() * p.element_size() for p in body.parameters())
     guarded = peak_memory_bytes(lambda: exact.step(_closure(net, x, y)))
     assert guarded <= 1.25 * inference + 0.1 * body_bytes
+
+
+def test_constructor_keeps_every_zosgd_option_with_the_same_default():
+    """HybridZO spells out ZOSGD's constructor (for signatures and help); this holds the two
+    together: an option added to ZOSGD (as ``restore=`` was) must be added here too."""
+    import inspect
+
+    from anyorder.optim import ZOSGD
+
+    zo = inspect.signature(ZOSGD.__init__).parameters
+    hybrid = inspect.signature(HybridZO.__init__).parameters
+    missing = [name for name in zo if name not in hybrid]
+    assert not missing, f"HybridZO lacks ZOSGD's {missing}"
+    for name, param in zo.items():
+        assert hybrid[name].default == param.default, name
+        assert hybrid[name].kind == param.kind, name
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert [n for n, q in hybrid.items() if q.kind == positional] == [
+        n for n, q in zo.items() if q.kind == positional
+    ]  # the same positional order: HybridZO(params, 1e-3, 1e-3, ...) means what ZOSGD's does
