@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -36,34 +38,30 @@ def _names(value: str) -> list[str]:
     return names
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def _number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False,
+            what: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``kind`` (int or float) parsed from the text, finite, in
+    ``[low, high]`` (``(low, high]`` with ``low_open``); otherwise an error naming the value and
+    ``what`` was expected."""
+
+    def parse(value: str) -> Any:
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        above = x > low if low_open else x >= low
+        if not (above and x <= high and math.isfinite(x)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return x
+
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not x > 0 or x != x or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return x
-
-
-def _seed(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
+_positive_int = _number(int, 1, what="a positive integer")
+_seed = _number(int, 0, what="an integer >= 0")
+_positive_float = _number(float, 0.0, low_open=True, what="a number > 0")
+_unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
+_cost_ratio = _number(float, 0.0, what="a number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,26 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bilevel_parser(sub)
     _add_federated_parser(sub)
     return parser
-
-
-def _unit_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-    return x
-
-
-def _cost_ratio(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return x
 
 
 def _add_seeded_arguments(bench: argparse.ArgumentParser) -> None:
