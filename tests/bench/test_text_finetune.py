@@ -89,7 +89,7 @@ def test_encoder_is_really_pretrained(task):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         random_encoder = AutoModel.from_config(tf.load_encoder().config)
-    synonyms, unrelated = similarities(tf.MeanPooledClassifier(random_encoder, 2))
+    synonyms, unrelated = similarities(tf.mean_pooled_classifier(random_encoder, 2))
     assert not (synonyms > 0.5 and unrelated < 0.3)
 
 

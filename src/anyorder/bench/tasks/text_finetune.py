@@ -67,12 +67,12 @@ HEADS = ("label-text", "probe", "fresh")
 __all__ = [
     "INSTALL_HINT",
     "LABELS",
-    "MeanPooledClassifier",
     "TextFinetune",
     "load_encoder",
     "load_reviews",
     "load_tokenized",
     "load_tokenizer",
+    "mean_pooled_classifier",
     "model_dir",
 ]
 
@@ -154,22 +154,16 @@ def load_encoder() -> nn.Module:
     return encoder.float().train()
 
 
-class MeanPooledClassifier(nn.Module):
-    """A transformer encoder, mean-pooled over non-padding tokens, and a head (a fresh linear
-    head drawn from the global RNG unless ``head`` is given)."""
+def mean_pooled_classifier(
+    encoder: nn.Module, num_classes: int, head: nn.Module | None = None
+) -> nn.Module:
+    """:class:`anyorder.integrations.PooledClassifier` with mean pooling over the non-padding
+    tokens, and ``head`` (a fresh linear head drawn from the global RNG unless it is given)."""
+    from anyorder.integrations import PooledClassifier
 
-    def __init__(self, encoder: nn.Module, num_classes: int, head: nn.Module | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(int(encoder.config.hidden_size), num_classes) if head is None else head
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask))
+    if head is None:
+        head = nn.Linear(int(encoder.config.hidden_size), num_classes)
+    return PooledClassifier(encoder, head, pooling="mean")
 
 
 @lru_cache(maxsize=1)
@@ -257,7 +251,7 @@ class TextFinetune(ModelTask):
         if kind == "fresh":
             from anyorder.integrations import mark_fresh
 
-            model = MeanPooledClassifier(encoder, len(LABELS))
+            model = mean_pooled_classifier(encoder, len(LABELS))
             mark_fresh(model.head, prefix="head.")
             return model.train()
         if kind == "label-text":
@@ -265,7 +259,7 @@ class TextFinetune(ModelTask):
         else:
             key = tuple(int(i) for i in self.train_indices())
             head = copy.deepcopy(probe_start(key, int(self.options["max_length"])))
-        return MeanPooledClassifier(encoder, len(LABELS), head).train()
+        return mean_pooled_classifier(encoder, len(LABELS), head).train()
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, labels = self._tokenized()
