@@ -51,7 +51,10 @@ class AID(BilevelOptimizer):
             inner problem away from a minimum, a saddle) and CG's answer would be meaningless.
             ``"minres"`` (Paige and Saunders) solves symmetric indefinite systems; ``"auto"``
             runs CG and re-solves that step's system with MINRES (same budget, from the same
-            start) when CG meets such a direction; ``last_solve["method"]`` says which ran.
+            start) when CG meets such a direction; ``last_solve["method"]`` says which ran;
+        init_steps, init_lr: the inner warm-up of the first step (``init_steps`` gradient steps
+            of size ``init_lr``, default ``inner_lr``, on ``G(x_0, .)`` before the first
+            update; default none; see :mod:`anyorder.bilevel._base`).
 
     State: ``v`` (like ``inner``).
     """
@@ -69,12 +72,15 @@ class AID(BilevelOptimizer):
         cg_atol: float = 0.0,
         warm_start_adjoint: bool = True,
         adjoint: str = "cg",
+        init_steps: int = 0,
+        init_lr: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=0)
+        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
         self.cg_maxiter = check_int("cg_maxiter", cg_maxiter, minimum=1)
         self.cg_rtol = check_positive("cg_rtol", cg_rtol, allow_zero=True)
         self.cg_atol = check_positive("cg_atol", cg_atol, allow_zero=True)
@@ -88,9 +94,7 @@ class AID(BilevelOptimizer):
 
     def _step(self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]) -> torch.Tensor:
         st = self.bstate
-        for _ in range(self.inner_steps):
-            _, g = self.grad(inner_loss, self.inner, "inner_loss")
-            self.sgd_(self.inner, g, self.inner_lr)
+        self.inner_gd_(inner_loss, self.inner_steps, self.inner_lr)
         f, fx, fy = self.grad_xy(outer_loss, "outer_loss")
         hess = self.mixed(inner_loss)
         try:
