@@ -43,7 +43,14 @@ class AID(BilevelOptimizer):
     Args:
         lr: outer step (per group); inner_lr: ``alpha``; inner_steps: ``T`` (``0`` allowed: a
             single-loop variant); cg_maxiter, cg_rtol, cg_atol: the adjoint solve;
-        warm_start_adjoint: start CG from the last ``v`` (default) or from 0;
+        warm_start_adjoint: start CG from the last ``v`` (default; Ji et al.'s warm start) or
+            from 0. Turn it off when ``cg_maxiter`` is far below what the inner Hessian's
+            conditioning needs (an MLP inner problem): warm-started, the solve carries on across
+            outer steps into the flattest directions of ``G``, where ``T`` inner steps do not
+            track ``y*(x)``, and ``||v||`` and ``h`` grow without bound (on the hyper-cleaning
+            MLP ``||v||`` went from 50 to 4,500 in 60 steps, then the weights blew up); from 0,
+            a few CG products invert only the well-curved part of the spectrum and ``||v||``
+            stayed at ~4;
         adjoint: the solver of the adjoint system. ``"cg"`` (default) assumes the inner
             Hessian positive definite (a strongly convex inner problem) and refuses, with a
             ``ValueError`` (the step rolled back), when CG meets a search direction of
