@@ -136,7 +136,9 @@ _CLEAN_DIGITS = {
 #: - every algorithm first takes 1,000 gradient steps on the inner problem at the starting
 #:   weights (``init_steps``, step ``inner_lr``; LV-HBA's ``theta_lr``): from the MLP's random
 #:   init a few inner steps per outer step leave ``y`` far from ``y*(x)``, so the first
-#:   hypergradients are noise, and LV-HBA diverged within 5 steps without it;
+#:   hypergradients are noise; LV-HBA diverged within 5 steps without it (the random init has
+#:   ||theta||^2 ~ 138 > CLEANING_RADIUS: the multiplier jumps and the theta step overshoots;
+#:   after the warm-up ||theta||^2 ~ 30);
 #: - AID solves the adjoint from 0 at every step (``warm_start_adjoint=False``): the MLP's inner
 #:   Hessian is ill-conditioned (eigenvalues ~3.5e-3 to ~1.5 after the warm-up) and 5 CG
 #:   products do not solve it; warm-started, the solve continues across outer steps into the
