@@ -28,7 +28,7 @@ non-finite loss, gradient or product found during a step restores them too and t
 Inner warm-up
 -------------
 Every algorithm takes ``init_steps`` (default 0; BO-REP's default is its ``inner_steps``) and
-``init_lr``: the first step (``global_state["step"] == 0``) starts with ``init_steps`` plain
+``init_lr`` (BSVRB: on every block, ``y_i <- y_i - init_lr grad g_i(x_0, y_i)``): the first step (``global_state["step"] == 0``) starts with ``init_steps`` plain
 gradient steps ``y <- y - init_lr grad_y G(x_0, y)`` on the inner problem at the starting outer
 point, before the algorithm's own update (:meth:`BilevelOptimizer.inner_gd_`). It is part of that
 step: an exception in it rolls it back with the rest, a state dict saved after it does not repeat
@@ -332,8 +332,12 @@ class BilevelOptimizer(AnyOrderOptimizer):
         self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]
     ) -> torch.Tensor:
         if self.global_state["step"] == 0 and self.init_steps:
-            self.inner_gd_(inner_loss, self.init_steps, self.init_lr)
+            self.inner_gd_(self._warmup_loss(inner_loss), self.init_steps, self.init_lr)
         return self._step(inner_loss, outer_loss)
+
+    def _warmup_loss(self, inner_loss: Callable[..., Any]) -> Callable[..., Any]:
+        """The closure the warm-up descends (multi-block algorithms: the sum of the blocks)."""
+        return inner_loss
 
     def _step(self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]) -> torch.Tensor:
         raise NotImplementedError
