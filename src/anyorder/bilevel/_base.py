@@ -28,9 +28,10 @@ non-finite loss, gradient or product found during a step restores them too and t
 Inner warm-up
 -------------
 Every algorithm takes ``init_steps`` (default 0; BO-REP's default is its ``inner_steps``) and
-``init_lr`` (BSVRB: on every block, ``y_i <- y_i - init_lr grad g_i(x_0, y_i)``): the first step (``global_state["step"] == 0``) starts with ``init_steps`` plain
+``init_lr``: the first step (``global_state["step"] == 0``) starts with ``init_steps`` plain
 gradient steps ``y <- y - init_lr grad_y G(x_0, y)`` on the inner problem at the starting outer
-point, before the algorithm's own update (:meth:`BilevelOptimizer.inner_gd_`). It is part of that
+point, before the algorithm's own update (:meth:`BilevelOptimizer.inner_gd_`; BSVRB: every block
+on its own ``g_i``). It is part of that
 step: an exception in it rolls it back with the rest, a state dict saved after it does not repeat
 it. Without it the hypergradient of an algorithm whose inner iterate starts far from
 ``y*(x_0)`` (a randomly initialised network) and takes a few steps per outer step is meaningless
