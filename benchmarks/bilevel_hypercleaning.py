@@ -8,6 +8,8 @@
 
     PYTHONPATH=src flock /work/bench.lock python benchmarks/bilevel_hypercleaning.py \
         --threads 2 --seeds 0,1,2 --steps 300
+
+``--model mlp`` runs the MLP problem (``hypercleaning-digits-mlp``, the MLP's own baselines).
 """
 
 from __future__ import annotations
@@ -31,19 +33,22 @@ from anyorder.bilevel.problems import HyperCleaning, load_cleaning_data
 
 
 def accuracy_table(dataset: str, seeds: list[int], steps: int, mlp: bool, algorithm: str,
-                   base_cache: dict) -> None:
+                   base_cache: dict, model: str = "linear") -> None:
     """One row per seed: the cleaned-data model (the reported figure), the inner model, the
-    detection F1 and every baseline of ``CleaningBaselines``; with ``mlp`` also the cleaned
-    data given to an MLP beside the MLP's own validation-only and oracle models."""
-    spec = PROBLEMS[f"hypercleaning-{dataset}-linear"]
+    detection F1 and every baseline of ``CleaningBaselines``, all with ``model`` (the problem
+    ``hypercleaning-{dataset}-{model}`` of the suite, its settings); with ``mlp`` (linear
+    model only) also the cleaned data given to an MLP beside the MLP's own validation-only and
+    oracle models."""
+    spec = PROBLEMS[f"hypercleaning-{dataset}-{model}"]
     hp = spec.hparams[algorithm]
+    mlp = mlp and model == "linear"
     rows = []
     for seed in seeds:
-        prob = HyperCleaning(load_cleaning_data(dataset, seed=seed), seed=seed)
+        prob = HyperCleaning(load_cleaning_data(dataset, seed=seed), model=model, seed=seed)
         t0 = time.perf_counter()
-        if (dataset, seed) not in base_cache:
-            base_cache[dataset, seed] = prob.baselines()
-        base = base_cache[dataset, seed]
+        if (dataset, model, seed) not in base_cache:
+            base_cache[dataset, model, seed] = prob.baselines()
+        base = base_cache[dataset, model, seed]
         t_base = time.perf_counter() - t0
         lvhba = ALGORITHMS[algorithm] is LVHBA
         opt = ALGORITHMS[algorithm](
@@ -72,10 +77,10 @@ def accuracy_table(dataset: str, seeds: list[int], steps: int, mlp: bool, algori
         rows.append((seed, cleaned, m["test_accuracy"], m["detection_f1"], base.noisy_train,
                      base.val_only, base.oracle, base.clean_train, base.relabelled_oracle,
                      mlp_cleaned, mlp_val, mlp_oracle, t_run, t_refit))
-        print(f"{dataset} {algorithm} seed {seed}: " + " ".join(f"{v:.4f}" for v in rows[-1][1:12])
+        print(f"{dataset} {model} {algorithm} seed {seed}: " + " ".join(f"{v:.4f}" for v in rows[-1][1:12])
               + f" | {t_run:.1f} s bilevel + {t_refit:.1f} s cleaned-data fit "
               f"({t_base:.1f} s baselines)", flush=True)
-    print(f"\n| {dataset} ({algorithm}, {steps} outer steps) | cleaned-data model | inner model "
+    print(f"\n| {dataset}, {model} ({algorithm}, {steps} outer steps) | cleaned-data model | inner model "
           "| detection F1 | noisy train | val only | oracle (clean train + val) | clean train only "
           "| relabelled oracle | MLP: cleaned-data model | MLP: val only | MLP: oracle "
           "| bilevel + cleaned fit wall time (s) |")
@@ -123,6 +128,9 @@ def main() -> None:
     ap.add_argument("--datasets", default="digits,mnist")
     ap.add_argument("--algorithms", default="AID,LVHBA", help="run on the accuracy tables")
     ap.add_argument("--mlp", default="digits", help="datasets that also get the MLP columns")
+    ap.add_argument("--model", default="linear", choices=("linear", "mlp"),
+                    help="the bilevel problem's model: hypercleaning-<dataset>-<model> of the "
+                    "suite, with its settings (mlp: digits only)")
     ap.add_argument("--timing", default="hypercleaning-mnist-linear")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=5)
@@ -135,7 +143,8 @@ def main() -> None:
     for ds in args.datasets.split(","):
         for alg in args.algorithms.split(","):
             if ds and alg:
-                accuracy_table(ds, seeds, args.steps, ds in args.mlp.split(","), alg, base_cache)
+                accuracy_table(ds, seeds, args.steps, ds in args.mlp.split(","), alg, base_cache,
+                               args.model)
     for problem in args.timing.split(","):
         if problem:
             time_table(problem, args.rounds, args.block)

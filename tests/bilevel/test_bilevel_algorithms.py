@@ -203,8 +203,8 @@ def plain_cg(A, b, x, iters):
     return x
 
 
-def ref_aid(steps, alpha, T, K):
-    x, y = X0.clone(), Y0.clone()
+def ref_aid(steps, alpha, T, K, y0=None):
+    x, y = X0.clone(), (Y0 if y0 is None else y0).clone()
     v = torch.zeros(NY, dtype=DT)
     for _ in range(steps):
         for _ in range(T):
@@ -481,3 +481,120 @@ def test_lvhba_needs_a_constraint_closure():
     opt = MAKERS["LVHBA"]([v.x1, v.x2], [v.y1, v.y2])
     with pytest.raises(TypeError, match="constraint"):
         opt.step(v.inner, v.outer)
+
+
+# -- the inner warm-up of the first step (init_steps / init_lr, shared by every algorithm) --------
+WARM = {"init_steps": 3, "init_lr": 0.15}
+WARM_MAKERS = {
+    "AID": lambda g, y, **w: AID(g, y, lr=LR1, inner_lr=0.2, inner_steps=2, cg_maxiter=3, **w),
+    "ITD": lambda g, y, **w: ITD(g, y, lr=LR1, inner_lr=0.2, inner_steps=3, truncate=2, **w),
+    "Penalty": lambda g, y, **w: Penalty(g, y, lr=LR1, inner_lr=0.2, inner_steps=2, lam=1.0,
+                                         lam_delta=0.7, **w),
+    "BOREP": lambda g, y, **w: BOREP(g, y, lr=LR1, inner_lr=0.2, z_lr=0.3, inner_steps=2,
+                                     period=2, **w),
+    "LVHBA": lambda g, y, **w: LVHBA(g, y, lr=LR1, theta_lr=0.1, z_lr=0.2, gamma1=2.0,
+                                     gamma2=0.5, **w),
+}
+
+
+@pytest.mark.parametrize("name", list(WARM_MAKERS))
+def test_warmup_is_plain_gradient_steps_before_the_first_update(name):
+    """init_steps=3 is bit for bit: 3 gradient steps y <- y - init_lr grad_y G(x0, y), then the
+    algorithm without a warm-up; later steps do not repeat it."""
+    v = Vars()
+    opt = WARM_MAKERS[name](v.groups(LR1, LR2), [v.y1, v.y2], **WARM)
+    _steps(opt, v, 4)
+    want = v.flat()
+
+    w = Vars()
+    for _ in range(WARM["init_steps"]):
+        g = torch.autograd.grad(w.inner(), [w.y1, w.y2])
+        with torch.no_grad():
+            torch._foreach_add_([w.y1, w.y2], list(g), alpha=-WARM["init_lr"])
+    opt0 = WARM_MAKERS[name](w.groups(LR1, LR2), [w.y1, w.y2], init_steps=0)
+    _steps(opt0, w, 4)
+    got = w.flat()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if name == "AID":  # and the paper-rule reference on flat vectors (torch.func derivatives)
+        y0 = Y0.clone()
+        for _ in range(WARM["init_steps"]):
+            y0 = y0 - WARM["init_lr"] * gy(X0, y0)
+        x, y, _ = ref_aid(4, 0.2, 2, 3, y0=y0)
+        assert close(want[0], x) and close(want[1], y)
+
+
+def test_warmup_default_step_is_the_inner_step_and_borep_keeps_its_refinement():
+    v = Vars()
+    assert WARM_MAKERS["AID"]([v.x1], [v.y1], init_steps=2).init_lr == 0.2
+    assert WARM_MAKERS["Penalty"]([v.x1], [v.y1], init_steps=2).init_lr == 0.2
+    assert WARM_MAKERS["LVHBA"]([v.x1], [v.y1], init_steps=2).init_lr == 0.1  # theta_lr
+    b = WARM_MAKERS["BOREP"]([v.x1], [v.y1])
+    assert (b.init_steps, b.init_lr) == (2, 0.2)  # default: inner_steps, inner_lr
+    assert WARM_MAKERS["ITD"]([v.x1], [v.y1]).init_steps == 0
+
+
+@pytest.mark.parametrize("name", list(WARM_MAKERS))
+def test_warmup_bad_values_are_refused(name):
+    v = Vars()
+    with pytest.raises(ValueError, match="init_steps.*-1"):
+        WARM_MAKERS[name]([v.x1], [v.y1], init_steps=-1)
+    with pytest.raises(TypeError, match="init_steps must be an integer"):
+        WARM_MAKERS[name]([v.x1], [v.y1], init_steps=2.5)
+    with pytest.raises(ValueError, match="init_lr.*0.0"):
+        WARM_MAKERS[name]([v.x1], [v.y1], init_steps=2, init_lr=0.0)
+    with pytest.raises(ValueError, match="init_lr.*nan"):
+        WARM_MAKERS[name]([v.x1], [v.y1], init_lr=float("nan"))
+
+
+@pytest.mark.parametrize("name", list(WARM_MAKERS))
+def test_warmup_state_dict_round_trip_is_bit_exact_and_not_repeated(name):
+    v = Vars()
+    opt = WARM_MAKERS[name](v.groups(LR1, LR2), [v.y1, v.y2], **WARM)
+    _steps(opt, v, 2)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    x_saved, y_saved = v.flat()
+    _steps(opt, v, 3)
+    want = v.flat()
+    buf.seek(0)
+    w = Vars(x_saved, y_saved)
+    opt2 = WARM_MAKERS[name](w.groups(LR1, LR2), [w.y1, w.y2], **WARM)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    _steps(opt2, w, 3)  # a repeated warm-up would change the trajectory
+    got = w.flat()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("name", list(WARM_MAKERS))
+def test_an_exception_inside_the_warmup_leaves_everything_unchanged(name):
+    v = Vars()
+    opt = WARM_MAKERS[name](v.groups(LR1, LR2), [v.y1, v.y2], **WARM)
+    before = v.flat()
+    state = copy.deepcopy(opt.state_dict())
+    con = (v.con,) if name == "LVHBA" else ()
+    calls = {"n": 0}
+
+    def interrupted():  # the second warm-up gradient
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return v.inner()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted, v.outer, *con)
+
+    def nan_inner():  # non-finite inside the warm-up: rolled back, then skipped
+        return v.inner() * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match="left unchanged"):
+        opt.step(nan_inner, v.outer, *con)
+    now = v.flat()
+    assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1])
+    _assert_state_equal(opt.state_dict(), state)
+    assert opt.global_state["step"] == 0
+    # the next step still runs the warm-up: the same as a fresh optimizer's first steps
+    _steps(opt, v, 2)
+    w = Vars()
+    fresh = WARM_MAKERS[name](w.groups(LR1, LR2), [w.y1, w.y2], **WARM)
+    _steps(fresh, w, 2)
+    assert torch.equal(v.flat()[0], w.flat()[0]) and torch.equal(v.flat()[1], w.flat()[1])

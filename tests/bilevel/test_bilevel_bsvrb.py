@@ -63,8 +63,9 @@ def clip(h, mu):
     return (q * e.clamp(min=mu)) @ q.T
 
 
-def reference(version, steps, lr, tau, tau_v, alpha, gamma, beta, mu, vmax, blocks, seed):
-    x, y = X0.clone(), Y0.clone()
+def reference(version, steps, lr, tau, tau_v, alpha, gamma, beta, mu, vmax, blocks, seed,
+              y0=None):
+    x, y = X0.clone(), (Y0 if y0 is None else y0).clone()
     xp, yp = x.clone(), y.clone()
     s = torch.zeros(M, NY, dtype=DT)
     z = torch.zeros(NX, dtype=DT)
@@ -232,3 +233,54 @@ def test_bsvrb_bad_input_and_rollback():
     assert torch.equal(b.x, x0) and all(torch.equal(p, q) for p, q in zip(b.y, y0))
     assert torch.equal(opt.bstate["sampler"], gen_state) and opt.global_state["step"] == step
     assert all(torch.equal(p, q) for p, q in zip(opt.bstate["z"], z0))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_bsvrb_warmup_is_gradient_steps_on_every_block_then_the_algorithm(version):
+    """init_steps=3: bit for bit 3 steps y_i <- y_i - init_lr grad g_i(x0, y_i) on every block,
+    then BSVRB without a warm-up; and against the flat-vector reference from the warmed-up y."""
+    kw = dict(lr=0.05, inner_lr=0.2, blocks=2, seed=3, version=version)
+    b = Blocks()
+    opt = BSVRB([b.x], b.y, init_steps=3, init_lr=0.15, **kw)
+    for _ in range(4):
+        opt.step(b.inner, b.outer)
+    c = Blocks()
+    for _ in range(3):
+        g = torch.autograd.grad(sum(c.inner(i) for i in range(M)), c.y)
+        with torch.no_grad():
+            torch._foreach_add_(c.y, list(g), alpha=-0.15)
+    y_warm = torch.stack([t.detach().clone() for t in c.y])
+    opt0 = BSVRB([c.x], c.y, **kw)
+    for _ in range(4):
+        opt0.step(c.inner, c.outer)
+    assert torch.equal(c.x, b.x) and all(torch.equal(p, q) for p, q in zip(c.y, b.y))
+    x, y = reference(version, 4, 0.05, 0.2, 0.2, 0.9, opt.gamma, 0.9, 1e-3, float("inf"), 2, 3,
+                     y0=y_warm)
+    assert torch.allclose(b.x.detach(), x, rtol=0, atol=1e-12)
+    assert torch.allclose(torch.stack([t.detach() for t in b.y]), y, rtol=0, atol=1e-12)
+
+
+def test_bsvrb_warmup_bad_values_and_rollback():
+    b = Blocks()
+    with pytest.raises(ValueError, match="init_steps.*-2"):
+        BSVRB([b.x], b.y, lr=0.1, inner_lr=0.1, init_steps=-2)
+    with pytest.raises(ValueError, match="init_lr.*-1"):
+        BSVRB([b.x], b.y, lr=0.1, inner_lr=0.1, init_steps=2, init_lr=-1.0)
+    assert BSVRB([b.x], b.y, lr=0.1, inner_lr=0.3, init_steps=2).init_lr == 0.3
+    opt = BSVRB([b.x], b.y, lr=0.1, inner_lr=0.1, init_steps=4)
+    x0, y0 = b.x.detach().clone(), [t.detach().clone() for t in b.y]
+    state = opt.state_dict()
+    calls = {"n": 0}
+
+    def interrupted(i):  # inside the second warm-up step
+        calls["n"] += 1
+        if calls["n"] == M + 2:
+            raise KeyboardInterrupt
+        return b.inner(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted, b.outer)
+    assert torch.equal(b.x, x0) and all(torch.equal(p, q) for p, q in zip(b.y, y0))
+    assert opt.global_state["step"] == 0
+    assert torch.equal(opt.state_dict()["anyorder"]["bilevel"]["sampler"],
+                       state["anyorder"]["bilevel"]["sampler"])

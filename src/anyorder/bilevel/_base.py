@@ -24,6 +24,19 @@ Error paths
 non-finite loss, gradient or product found during a step restores them too and then follows
 ``on_nonfinite``: ``"raise"`` (default) raises :class:`~anyorder.core.NonFiniteLossError`,
 ``"skip"`` counts the step in ``global_state["skipped_steps"]`` and returns ``None``.
+
+Inner warm-up
+-------------
+Every algorithm takes ``init_steps`` (default 0; BO-REP's default is its ``inner_steps``) and
+``init_lr``: the first step (``global_state["step"] == 0``) starts with ``init_steps`` plain
+gradient steps ``y <- y - init_lr grad_y G(x_0, y)`` on the inner problem at the starting outer
+point, before the algorithm's own update (:meth:`BilevelOptimizer.inner_gd_`; BSVRB: every block
+on its own ``g_i``). It is part of that
+step: an exception in it rolls it back with the rest, a state dict saved after it does not repeat
+it. Without it the hypergradient of an algorithm whose inner iterate starts far from
+``y*(x_0)`` (a randomly initialised network) and takes a few steps per outer step is meaningless
+for the first outer steps. It is BO-REP's initialization refinement (Hao et al., ICLR 2024),
+offered to every algorithm.
 """
 
 from __future__ import annotations
@@ -209,6 +222,14 @@ class BilevelOptimizer(AnyOrderOptimizer):
             if not p.requires_grad:
                 raise ValueError("every outer parameter must have requires_grad=True")
         self.global_state["bilevel"] = {}
+        self.init_steps = 0
+        self.init_lr = 0.0
+
+    def set_inner_warmup(self, init_steps: int, init_lr: float) -> None:
+        """Validate and set the inner warm-up of the first step (see the module docstring):
+        ``init_steps >= 0`` gradient steps of size ``init_lr > 0``."""
+        self.init_steps = check_int("init_steps", init_steps, minimum=0)
+        self.init_lr = check_positive("init_lr", init_lr)
 
     # -- variables ------------------------------------------------------------------------------
     @property
@@ -306,7 +327,18 @@ class BilevelOptimizer(AnyOrderOptimizer):
         _check_closure("inner_loss", inner_loss)
         _check_closure("outer_loss", outer_loss)
         with torch.enable_grad():
-            return self._guarded(lambda: self._step(inner_loss, outer_loss))
+            return self._guarded(lambda: self._warm_then_step(inner_loss, outer_loss))
+
+    def _warm_then_step(
+        self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]
+    ) -> torch.Tensor:
+        if self.global_state["step"] == 0 and self.init_steps:
+            self.inner_gd_(self._warmup_loss(inner_loss), self.init_steps, self.init_lr)
+        return self._step(inner_loss, outer_loss)
+
+    def _warmup_loss(self, inner_loss: Callable[..., Any]) -> Callable[..., Any]:
+        """The closure the warm-up descends (multi-block algorithms: the sum of the blocks)."""
+        return inner_loss
 
     def _step(self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -318,6 +350,13 @@ class BilevelOptimizer(AnyOrderOptimizer):
         with torch.no_grad():
             for p, d, lr in zip(self.outer, direction, self._lr_per_outer(key)):
                 p.add_(d, alpha=-lr)
+
+    def inner_gd_(self, inner_loss: Callable[..., Any], steps: int, lr: float) -> None:
+        """``steps`` gradient steps ``y <- y - lr grad_y G(x, y)`` on the inner tensors (each
+        gradient checked finite)."""
+        for _ in range(steps):
+            _, g = self.grad(inner_loss, self.inner, "inner_loss")
+            self.sgd_(self.inner, g, lr)
 
     @staticmethod
     def sgd_(tensors: Tensors, direction: Sequence[torch.Tensor], lr: float) -> None:

@@ -43,7 +43,14 @@ class AID(BilevelOptimizer):
     Args:
         lr: outer step (per group); inner_lr: ``alpha``; inner_steps: ``T`` (``0`` allowed: a
             single-loop variant); cg_maxiter, cg_rtol, cg_atol: the adjoint solve;
-        warm_start_adjoint: start CG from the last ``v`` (default) or from 0;
+        warm_start_adjoint: start CG from the last ``v`` (default; Ji et al.'s warm start) or
+            from 0. Turn it off when ``cg_maxiter`` is far below what the inner Hessian's
+            conditioning needs (an MLP inner problem): warm-started, the solve carries on across
+            outer steps into the flattest directions of ``G``, where ``T`` inner steps do not
+            track ``y*(x)``, and ``||v||`` and ``h`` grow without bound (on the hyper-cleaning
+            MLP ``||v||`` went from 50 to 4,500 in 60 steps, then the weights blew up); from 0,
+            a few CG products invert only the well-curved part of the spectrum and ``||v||``
+            stayed at ~4;
         adjoint: the solver of the adjoint system. ``"cg"`` (default) assumes the inner
             Hessian positive definite (a strongly convex inner problem) and refuses, with a
             ``ValueError`` (the step rolled back), when CG meets a search direction of
@@ -51,7 +58,10 @@ class AID(BilevelOptimizer):
             inner problem away from a minimum, a saddle) and CG's answer would be meaningless.
             ``"minres"`` (Paige and Saunders) solves symmetric indefinite systems; ``"auto"``
             runs CG and re-solves that step's system with MINRES (same budget, from the same
-            start) when CG meets such a direction; ``last_solve["method"]`` says which ran.
+            start) when CG meets such a direction; ``last_solve["method"]`` says which ran;
+        init_steps, init_lr: the inner warm-up of the first step (``init_steps`` gradient steps
+            of size ``init_lr``, default ``inner_lr``, on ``G(x_0, .)`` before the first
+            update; default none; see :mod:`anyorder.bilevel._base`).
 
     State: ``v`` (like ``inner``).
     """
@@ -69,12 +79,15 @@ class AID(BilevelOptimizer):
         cg_atol: float = 0.0,
         warm_start_adjoint: bool = True,
         adjoint: str = "cg",
+        init_steps: int = 0,
+        init_lr: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=0)
+        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
         self.cg_maxiter = check_int("cg_maxiter", cg_maxiter, minimum=1)
         self.cg_rtol = check_positive("cg_rtol", cg_rtol, allow_zero=True)
         self.cg_atol = check_positive("cg_atol", cg_atol, allow_zero=True)
@@ -88,9 +101,7 @@ class AID(BilevelOptimizer):
 
     def _step(self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]) -> torch.Tensor:
         st = self.bstate
-        for _ in range(self.inner_steps):
-            _, g = self.grad(inner_loss, self.inner, "inner_loss")
-            self.sgd_(self.inner, g, self.inner_lr)
+        self.inner_gd_(inner_loss, self.inner_steps, self.inner_lr)
         f, fx, fy = self.grad_xy(outer_loss, "outer_loss")
         hess = self.mixed(inner_loss)
         try:

@@ -19,8 +19,9 @@ class BOREP(BilevelOptimizer):
 
     One step (iteration ``k = 0, 1, ...``; ``m_{-1} = 0``, ``z_{-1} = 0``):
 
-        if k == 0:          y <- init_steps SGD steps  y <- y - gamma grad_y G(x_0, y)
-                            (the paper's initialization refinement)
+        if k == 0:          y <- init_steps SGD steps  y <- y - init_lr grad_y G(x_0, y)
+                            (the paper's initialization refinement: the inner warm-up
+                            every algorithm of :mod:`anyorder.bilevel` offers)
         elif k % I == 0:    y <- N SGD steps           y <- y - gamma grad_y G(x_k, y)
                             (the periodic update; y is left alone in between)
         z_k = Proj_R(z_{k-1} - nu (d^2_yy G(x_k, y_k) z_{k-1} - grad_y F(x_k, y_k)))
@@ -43,13 +44,14 @@ class BOREP(BilevelOptimizer):
     (here 0).
 
     Departure from the paper: the paper's initialization refinement runs epoch-SGD with
-    decreasing steps; here it is ``init_steps`` plain SGD steps with ``inner_lr`` (the same
-    rule as the periodic updates).
+    decreasing steps; here it is ``init_steps`` plain SGD steps with ``init_lr`` (default
+    ``inner_lr``: the same rule as the periodic updates).
 
     Args:
         lr: ``eta`` (per group); ``beta``: momentum ``beta`` in ``[0, 1)`` (per group);
         inner_lr: ``gamma``; inner_steps: ``N``; period: ``I``; init_steps: steps of the
-        refinement at ``k = 0`` (default ``N``); z_lr: ``nu``; z_radius: ``R`` or ``None``.
+        refinement at ``k = 0`` (default ``N``); init_lr: its step (default ``gamma``);
+        z_lr: ``nu``; z_radius: ``R`` or ``None``.
 
     State: ``z`` (like ``inner``), ``m`` (like the outer tensors).
     """
@@ -66,6 +68,7 @@ class BOREP(BilevelOptimizer):
         inner_steps: int = 1,
         period: int = 1,
         init_steps: int | None = None,
+        init_lr: float | None = None,
         z_radius: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
@@ -78,24 +81,19 @@ class BOREP(BilevelOptimizer):
         self.z_lr = check_positive("z_lr", z_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=0)
         self.period = check_int("period", period, minimum=1)
-        self.init_steps = (
-            self.inner_steps if init_steps is None else check_int("init_steps", init_steps, minimum=0)
+        self.set_inner_warmup(
+            self.inner_steps if init_steps is None else init_steps,
+            self.inner_lr if init_lr is None else init_lr,
         )
         self.z_radius = None if z_radius is None else check_positive("z_radius", z_radius)
-
-    def _inner_sgd(self, inner_loss: Callable[..., Any], steps: int) -> None:
-        for _ in range(steps):
-            _, g = self.grad(inner_loss, self.inner, "inner_loss")
-            self.sgd_(self.inner, g, self.inner_lr)
 
     def _step(self, inner_loss: Callable[..., Any], outer_loss: Callable[..., Any]) -> torch.Tensor:
         st = self.bstate
         k = self.global_state["step"]
         x, y = self.outer, self.inner
-        if k == 0:
-            self._inner_sgd(inner_loss, self.init_steps)
-        elif k % self.period == 0:
-            self._inner_sgd(inner_loss, self.inner_steps)
+        # k == 0: the base class ran the init_steps refinement (set_inner_warmup) before this
+        if k > 0 and k % self.period == 0:
+            self.inner_gd_(inner_loss, self.inner_steps, self.inner_lr)
         z = st.setdefault("z", [torch.zeros_like(t) for t in y])
         m = st.setdefault("m", [torch.zeros_like(p) for p in x])
         f, fx, fy = self.grad_xy(outer_loss, "outer_loss")

@@ -77,7 +77,10 @@ class BSVRB(BilevelOptimizer):
         average when every block is sampled, and its run scripts pass ``--gamma 1``); beta:
         STORM parameter; mu: the
         eigenvalue floor of ``H`` (v1); h0: ``H``'s start; v_max: the bound of ``v`` (v2); seed:
-        the block sampler's seed.
+        the block sampler's seed; init_steps, init_lr: the inner warm-up of the first step
+        (``init_steps`` gradient steps ``y_i <- y_i - init_lr grad_y g_i(x_0, y_i)`` on every
+        block, ``init_lr`` default ``tau``, before the first update; default none; see
+        :mod:`anyorder.bilevel._base`).
 
     State: ``s``, ``H`` (v1) or ``u``, ``v``, ``v_prev`` (v2), ``H_prev`` (v1), ``x_prev``,
     ``y_prev``, ``z``, the sampler's generator state.
@@ -100,6 +103,8 @@ class BSVRB(BilevelOptimizer):
         h0: float = 1.0,
         v_max: float = float("inf"),
         seed: int = 0,
+        init_steps: int = 0,
+        init_lr: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
@@ -113,6 +118,7 @@ class BSVRB(BilevelOptimizer):
             raise ValueError(f"blocks must be in 1..{m} (the number of inner blocks), got {blocks}")
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.v_lr = self.inner_lr if v_lr is None else check_positive("v_lr", v_lr)
+        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
         self.alpha = check_positive("alpha", alpha)
         if not self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
@@ -183,7 +189,11 @@ class BSVRB(BilevelOptimizer):
         _check_closure("inner_loss", inner_loss)
         _check_closure("outer_loss", outer_loss)
         with torch.enable_grad():
-            return self._guarded(lambda: self._step(inner_loss, outer_loss))
+            return self._guarded(lambda: self._warm_then_step(inner_loss, outer_loss))
+
+    def _warmup_loss(self, inner_loss: BlockLoss) -> Callable[[], torch.Tensor]:
+        # the blocks are disjoint: the sum's gradient is every block's own (one call per block)
+        return lambda: sum(inner_loss(i) for i in range(len(self.inner)))
 
     def _step(self, inner_loss: BlockLoss, outer_loss: BlockLoss) -> torch.Tensor:
         st = self.bstate

@@ -41,7 +41,10 @@ class ITD(BilevelOptimizer):
 
     Args:
         lr: outer step (per group); inner_lr: ``alpha``; inner_steps: ``T``;
-        truncate: ``K`` in ``1..T`` (default ``T``).
+        truncate: ``K`` in ``1..T`` (default ``T``);
+        init_steps, init_lr: the inner warm-up of the first step (``init_steps`` gradient steps
+            of size ``init_lr``, default ``inner_lr``, on ``G(x_0, .)`` before the first
+            update; default none; see :mod:`anyorder.bilevel._base`).
 
     State: none besides the step counter.
     """
@@ -56,12 +59,15 @@ class ITD(BilevelOptimizer):
         inner_steps: int = 10,
         truncate: int | None = None,
         warm_start: bool = True,
+        init_steps: int = 0,
+        init_lr: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
+        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
         k = self.inner_steps if truncate is None else check_int("truncate", truncate, minimum=1)
         if k > self.inner_steps:
             raise ValueError(f"truncate must be in 1..inner_steps={self.inner_steps}, got {k}")

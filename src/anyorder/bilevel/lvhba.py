@@ -76,7 +76,11 @@ class LVHBA(BilevelOptimizer):
             group's ``lr``, read at every step so a scheduler moves both); theta_lr: ``eta``
             for ``theta`` and ``lam``; z_lr: ``beta``; gamma1, gamma2: the proximal parameters;
             c, p: ``c_k = c (k + 1)^p`` (the paper takes ``p`` in ``(0, 1/2)``); z_max: the
-            bound of ``Z`` (default ``inf``).
+            bound of ``Z`` (default ``inf``); init_steps, init_lr: the inner warm-up of the
+            first step (``init_steps`` gradient steps of size ``init_lr``, default
+            ``theta_lr``, on ``f(x_0, .)`` alone, the constraint not seen, before the first
+            update; ``theta`` then starts at the warmed-up ``y``; default none; see
+            :mod:`anyorder.bilevel._base`).
 
     State: ``theta`` (like ``inner``), ``lam`` and ``z`` (``l`` values each).
     """
@@ -96,12 +100,15 @@ class LVHBA(BilevelOptimizer):
         inner_lr: float | None = None,
         z_max: float = float("inf"),
         project: Projection | None = None,
+        init_steps: int = 0,
+        init_lr: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = None if inner_lr is None else check_positive("inner_lr", inner_lr)
         self.theta_lr = check_positive("theta_lr", theta_lr)
+        self.set_inner_warmup(init_steps, self.theta_lr if init_lr is None else init_lr)
         self.z_lr = check_positive("z_lr", z_lr)
         self.gamma1 = check_positive("gamma1", gamma1)
         self.gamma2 = check_positive("gamma2", gamma2)

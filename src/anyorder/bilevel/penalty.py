@@ -48,6 +48,10 @@ class Penalty(BilevelOptimizer):
         inner_steps: ``T`` inner steps per outer step.
         lam: initial penalty ``lam_0 > 0``; ``lam_delta``: its growth ``delta >= 0`` per step;
             ``lam_max``: its cap.
+        init_steps, init_lr: the inner warm-up of the first step (``init_steps`` gradient steps
+            of size ``init_lr``, default ``inner_lr``, on ``G(x_0, .)`` before the first
+            update; default none; see :mod:`anyorder.bilevel._base`); ``z`` starts as a copy
+            of the warmed-up ``y``.
 
     State (``global_state["bilevel"]``): ``z`` (list of tensors like ``inner``), ``lam``.
     """
@@ -64,6 +68,8 @@ class Penalty(BilevelOptimizer):
         lam: float = 1.0,
         lam_delta: float = 0.0,
         lam_max: float = float("inf"),
+        init_steps: int = 0,
+        init_lr: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
@@ -71,6 +77,7 @@ class Penalty(BilevelOptimizer):
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.z_lr = self.inner_lr if z_lr is None else check_positive("z_lr", z_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
+        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
         check_positive("lam", lam)
         self.lam_delta = check_positive("lam_delta", lam_delta, allow_zero=True)
         if not lam_max >= lam:
