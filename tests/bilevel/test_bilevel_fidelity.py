@@ -215,3 +215,30 @@ def test_bsvrb_default_gamma_is_msvr_and_tracks_exactly_like_storm_when_every_bl
     assert moved > 0.05  # the gradient being tracked does change
     for a, b in zip(errors, errors[1:]):
         assert torch.allclose(b, (1 - alpha) * a, rtol=0, atol=1e-13)
+
+
+def test_aid_auto_resolves_with_minres_when_cg_ends_worse_than_zero():
+    """CG's first direction can have tiny positive curvature in an indefinite matrix (no
+    non-positive curvature met, so no refusal) and overshoot: here H = diag(1, -0.999),
+    b = (1, 1), p^T H p = 0.001, one CG product gives v = 2000 b with residual ~2,800 >> ||b||
+    (seen on MNIST hyper-cleaning: ||v|| 738, residual 168). ``"auto"`` re-solves with MINRES,
+    whose one-product answer is the residual-minimising multiple of b; ``"cg"`` keeps CG's."""
+    h = torch.tensor([1.0, -0.999], dtype=DT)
+    b = torch.tensor([1.0, 1.0], dtype=DT)
+
+    def run(adjoint):
+        x = torch.zeros(2, dtype=DT, requires_grad=True)
+        y = torch.tensor([0.3, -0.2], dtype=DT, requires_grad=True)
+        opt = AID([x], [y], lr=0.1, inner_lr=0.1, inner_steps=0, cg_maxiter=1, adjoint=adjoint)
+        # G = 0.5 y^T H y - x^T y (d2G/dxdy = -I), F = b^T y: the step is x <- -lr v
+        opt.step(lambda: 0.5 * (h * y**2).sum() - x @ y, lambda: b @ y)
+        return x.detach(), opt.last_solve
+
+    x_cg, solve_cg_only = run("cg")
+    assert solve_cg_only["method"] == "cg" and solve_cg_only["residual_norm"] > 1000
+    assert torch.allclose(x_cg, -0.1 * 2000.0 * b, rtol=1e-9)  # v = (b.b / b.Hb) b
+    x_auto, solve = run("auto")
+    hb = h * b
+    v_ref = (b @ hb) / (hb @ hb) * b  # argmin_a ||b - a H b||
+    assert solve["method"] == "minres" and solve["residual_norm"] <= float(b.norm())
+    assert torch.allclose(x_auto, -0.1 * v_ref, rtol=1e-9, atol=1e-15)
