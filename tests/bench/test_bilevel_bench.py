@@ -106,18 +106,21 @@ def _mlp_cleaning_f1(hp: dict, checkpoints: tuple[int, ...]) -> list[float]:
 
 
 def test_mlp_hypercleaning_settings_neither_start_blind_nor_collapse():
-    """The suite's AID settings on the MLP problem detect the corrupted labels early (the inner
-    warm-up) and keep detecting them (the cold-started adjoint): F1 >= 0.9 at outer steps 25
-    and 100. Without the warm-up the detector is still weak at step 25 (F1 0.81); with the
-    warm-started adjoint it collapses (F1 0.59 at step 100)."""
+    """The suite's AID settings on the MLP problem detect the corrupted labels from the first
+    step (the inner warm-up: F1 0.86 at step 1, 0.72 without it) and keep detecting them (the
+    cold-started adjoint): F1 >= 0.9 at outer steps 25 and 100; with the warm-started adjoint
+    F1 is 0.86 at step 100. (Before AID's ``"auto"`` adjoint re-solved with MINRES when CG
+    overshoots, the warm-started adjoint collapsed to F1 0.59 at step 100 and the run without
+    the warm-up was still at 0.81 at step 25; with that guard it reaches 0.92 there.)"""
     from anyorder.bench.bilevel import PROBLEMS
 
     hp = PROBLEMS["hypercleaning-digits-mlp"].hparams["AID"]
     assert hp["init_steps"] > 0 and hp["warm_start_adjoint"] is False
-    assert min(_mlp_cleaning_f1(hp, (25, 100))) >= 0.9
-    # the bound is one the old settings miss (so the test can fail)
-    assert _mlp_cleaning_f1({**hp, "init_steps": 0}, (25,))[0] < 0.85
-    assert _mlp_cleaning_f1({**hp, "warm_start_adjoint": True}, (100,))[0] < 0.7
+    first, *later = _mlp_cleaning_f1(hp, (1, 25, 100))
+    assert first >= 0.83 and min(later) >= 0.9
+    # the bounds are ones the old settings miss (so the test can fail)
+    assert _mlp_cleaning_f1({**hp, "init_steps": 0}, (1,))[0] < 0.78
+    assert _mlp_cleaning_f1({**hp, "warm_start_adjoint": True}, (100,))[0] < 0.9
 
 
 def test_mnist_mlp_inner_steps_are_below_gradient_descents_stability_limit():
