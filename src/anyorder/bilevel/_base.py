@@ -225,11 +225,12 @@ class BilevelOptimizer(AnyOrderOptimizer):
         self.init_steps = 0
         self.init_lr = 0.0
 
-    def set_inner_warmup(self, init_steps: int, init_lr: float) -> None:
+    def set_inner_warmup(self, init_steps: int, init_lr: float | None, default_lr: float) -> None:
         """Validate and set the inner warm-up of the first step (see the module docstring):
-        ``init_steps >= 0`` gradient steps of size ``init_lr > 0``."""
+        ``init_steps >= 0`` gradient steps of size ``init_lr > 0`` (``default_lr``, the
+        algorithm's own inner step, when ``init_lr`` is None)."""
         self.init_steps = check_int("init_steps", init_steps, minimum=0)
-        self.init_lr = check_positive("init_lr", init_lr)
+        self.init_lr = check_positive("init_lr", default_lr if init_lr is None else init_lr)
 
     # -- variables ------------------------------------------------------------------------------
     @property

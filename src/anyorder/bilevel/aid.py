@@ -18,14 +18,11 @@ import torch
 
 from anyorder.bilevel._base import BilevelOptimizer, check_int, check_positive
 from anyorder.implicit.linear_solve import solve_cg, solve_minres
+from anyorder.optim._curvature import total_norm
 
 ADJOINTS = ("cg", "minres", "auto")
 
 __all__ = ["AID"]
-
-
-def _norm(tensors: list[torch.Tensor]) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
 
 
 class AID(BilevelOptimizer):
@@ -96,7 +93,7 @@ class AID(BilevelOptimizer):
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=0)
-        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
+        self.set_inner_warmup(init_steps, init_lr, self.inner_lr)
         self.cg_maxiter = check_int("cg_maxiter", cg_maxiter, minimum=1)
         self.cg_rtol = check_positive("cg_rtol", cg_rtol, allow_zero=True)
         self.cg_atol = check_positive("cg_atol", cg_atol, allow_zero=True)
@@ -129,7 +126,7 @@ class AID(BilevelOptimizer):
                         "pass adjoint='minres' (symmetric indefinite) or adjoint='auto'"
                     )
                 res = solve_minres(hess.hyy, fy, x0=x0, **opts)
-            elif self.adjoint == "auto" and res.residual_norm > _norm(fy):
+            elif self.adjoint == "auto" and res.residual_norm > float(total_norm(fy)):
                 # CG ended farther from a solution than v = 0: a direction of tiny positive
                 # curvature in an indefinite (or nearly singular) matrix; MINRES minimises the
                 # residual over the same Krylov space, so it cannot do worse than v = 0 from 0

@@ -82,8 +82,7 @@ class BOREP(BilevelOptimizer):
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=0)
         self.period = check_int("period", period, minimum=1)
         self.set_inner_warmup(
-            self.inner_steps if init_steps is None else init_steps,
-            self.inner_lr if init_lr is None else init_lr,
+            self.inner_steps if init_steps is None else init_steps, init_lr, self.inner_lr
         )
         self.z_radius = None if z_radius is None else check_positive("z_radius", z_radius)
 

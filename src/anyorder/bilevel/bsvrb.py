@@ -118,7 +118,7 @@ class BSVRB(BilevelOptimizer):
             raise ValueError(f"blocks must be in 1..{m} (the number of inner blocks), got {blocks}")
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.v_lr = self.inner_lr if v_lr is None else check_positive("v_lr", v_lr)
-        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
+        self.set_inner_warmup(init_steps, init_lr, self.inner_lr)
         self.alpha = check_positive("alpha", alpha)
         if not self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")

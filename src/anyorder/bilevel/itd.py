@@ -67,7 +67,7 @@ class ITD(BilevelOptimizer):
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
-        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
+        self.set_inner_warmup(init_steps, init_lr, self.inner_lr)
         k = self.inner_steps if truncate is None else check_int("truncate", truncate, minimum=1)
         if k > self.inner_steps:
             raise ValueError(f"truncate must be in 1..inner_steps={self.inner_steps}, got {k}")

@@ -108,7 +108,7 @@ class LVHBA(BilevelOptimizer):
         super().__init__(params, inner, {"lr": lr}, on_nonfinite=on_nonfinite)
         self.inner_lr = None if inner_lr is None else check_positive("inner_lr", inner_lr)
         self.theta_lr = check_positive("theta_lr", theta_lr)
-        self.set_inner_warmup(init_steps, self.theta_lr if init_lr is None else init_lr)
+        self.set_inner_warmup(init_steps, init_lr, self.theta_lr)
         self.z_lr = check_positive("z_lr", z_lr)
         self.gamma1 = check_positive("gamma1", gamma1)
         self.gamma2 = check_positive("gamma2", gamma2)

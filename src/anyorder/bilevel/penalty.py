@@ -77,7 +77,7 @@ class Penalty(BilevelOptimizer):
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.z_lr = self.inner_lr if z_lr is None else check_positive("z_lr", z_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
-        self.set_inner_warmup(init_steps, self.inner_lr if init_lr is None else init_lr)
+        self.set_inner_warmup(init_steps, init_lr, self.inner_lr)
         check_positive("lam", lam)
         self.lam_delta = check_positive("lam_delta", lam_delta, allow_zero=True)
         if not lam_max >= lam:
